@@ -320,7 +320,7 @@ def load_model(source: str | Path | nn.Module, nc: int | None = None) -> nn.Modu
             model.pt_path = str(source)
         elif suffix == ".pt":
             if not path.exists():
-                raise UserError(f"weights not found: {source} (check the path; nothing is downloaded offline)")
+                path = _download_asset(path)
             try:
                 model, _ = load_checkpoint(str(path))
             except Exception as e:
@@ -333,6 +333,21 @@ def load_model(source: str | Path | nn.Module, nc: int | None = None) -> nn.Modu
             f"(task={getattr(model, 'task', '?')}); yolocomp compresses YOLO detectors"
         )
     return model
+
+
+def _download_asset(path: Path) -> Path:
+    """Bare Ultralytics asset names (yolov8n.pt) keep Ultralytics' real download path for online users."""
+    if len(path.parts) > 1:
+        raise UserError(f"weights not found: {path} (check the path)")
+    try:
+        from ultralytics.utils.downloads import attempt_download_asset
+
+        found = Path(attempt_download_asset(str(path)))
+        if found.exists():
+            return found
+    except Exception:
+        pass
+    raise UserError(f"weights not found: {path} (not a local file and it could not be downloaded; give a local .pt path)")
 
 
 def _stem_yaml_exists(name: str) -> bool:
@@ -399,6 +414,8 @@ def resolve_data(data: str | Path, workdir: str | Path) -> Path:
 
     src = Path(data)
     if not src.exists():
+        if len(src.parts) == 1 and src.suffix in {".yaml", ".yml"}:
+            return _ultralytics_dataset(str(data), Path(workdir))
         raise UserError(f"data yaml not found: {data} (give the path to an Ultralytics data yaml)")
     try:
         cfg = yaml.safe_load(src.read_text())
@@ -421,4 +438,21 @@ def resolve_data(data: str | Path, workdir: str | Path) -> Path:
     workdir.mkdir(parents=True, exist_ok=True)
     out = workdir / f"{src.stem}.abs.yaml"
     out.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return out
+
+
+def _ultralytics_dataset(name: str, workdir: Path) -> Path:
+    """A dataset named like coco.yaml: Ultralytics resolves (and, online, downloads) it; we keep an absolute copy."""
+    import yaml
+
+    try:
+        from ultralytics.data.utils import check_det_dataset
+
+        cfg = check_det_dataset(name)
+    except Exception as e:
+        raise UserError(f"data yaml not found: {name} (not a local file and Ultralytics could not provide it: {type(e).__name__})") from e
+    workdir.mkdir(parents=True, exist_ok=True)
+    out = workdir / f"{Path(name).stem}.abs.yaml"
+    keep = {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.items() if k in {"path", "train", "val", "test", "names", "nc", "download"}}
+    out.write_text(yaml.safe_dump(keep, sort_keys=False))
     return out

@@ -1,0 +1,173 @@
+"""The training-loop integration: extra loss columns, optimizer-step hook, structural changes, pickling, model I/O."""
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from yolocomp.errors import UserError
+from yolocomp.integration import CallbackHub, attach, load_model, resolve_data, save_model, train
+from yolocomp.integration.ultralytics import _StepPreHook
+from yolocomp.methods import Method
+
+TRAIN_ARGS = {"epochs": 1, "imgsz": 64, "batch": 8, "val": False, "warmup_epochs": 0}
+
+
+class CountingMethod(Method):
+    """Adds a loss that depends on a model parameter, counts optimizer steps and epochs."""
+
+    name = "count"
+
+    def __init__(self, weight: float = 0.25):
+        self.weight = weight
+        self.steps = 0
+        self.epochs = 0
+        self.grad_seen: list[float] = []
+
+    def extra_loss(self, trainer, batch, preds):
+        first = next(p for p in trainer.model.parameters() if p.requires_grad)
+        return {"count_loss": self.weight * first.float().pow(2).mean()}
+
+    def before_step(self, trainer):
+        self.steps += 1
+
+    def on_epoch_end(self, trainer):
+        self.epochs += 1
+
+
+class AddScale(Method):
+    """A structural change: a learnable scalar attached to the model (like an inserted attention module)."""
+
+    name = "scale"
+
+    def prepare(self, model):
+        if hasattr(model, "yolocomp_scale"):
+            return False
+        model.yolocomp_scale = nn.Parameter(torch.ones(1))
+        return True
+
+    def extra_loss(self, trainer, batch, preds):
+        from yolocomp.integration.ultralytics import unwrap
+
+        return {"scale_loss": (unwrap(trainer.model).yolocomp_scale - 2.0).pow(2).sum()}
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    from yolocomp.demo.synthetic import make_dataset
+
+    return make_dataset(tmp_path_factory.mktemp("synth"), train=16, val=4, size=64)
+
+
+def test_extra_loss_columns_and_step_hook(tiny_data, tmp_path):
+    method = CountingMethod()
+    result = train(load_model("yolov8n.yaml", nc=3), str(tiny_data), [method], tmp_path, "run", **TRAIN_ARGS)
+    header = (result.save_dir / "results.csv").read_text().splitlines()[0].split(",")
+    assert "train/count_loss" in header and "train/box_loss" in header
+    row = dict(zip(header, (result.save_dir / "results.csv").read_text().splitlines()[1].split(",")))
+    assert float(row["train/count_loss"]) > 0
+    # 16 images / batch 8 = 2 batches; nbs 64 -> accumulate capped at 2 batches -> exactly one optimizer step
+    assert method.steps == 1
+    assert method.epochs == 1
+    assert Path(result.best).exists() and Path(result.last).exists()
+
+
+def test_structural_change_rebuilds_optimizer_and_ema(tiny_data, tmp_path):
+    from ultralytics import YOLO
+
+    ckpt = save_model(load_model("yolov8n.yaml", nc=3), tmp_path / "start.pt")
+    yolo = YOLO(str(ckpt))
+    hub = attach(yolo, AddScale(), CountingMethod())
+    seen = {}
+
+    def spy(trainer):
+        model = trainer.model
+        seen["in_optimizer"] = any(p is model.yolocomp_scale for g in trainer.optimizer.param_groups for p in g["params"])
+        seen["in_ema"] = hasattr(trainer.ema.ema, "yolocomp_scale")
+
+    yolo.add_callback("on_train_start", spy)
+    yolo.train(data=str(tiny_data), project=str(tmp_path), name="cb", exist_ok=True, device="cpu", workers=0, plots=False, lr0=0.1, **TRAIN_ARGS)
+    assert seen == {"in_optimizer": True, "in_ema": True}
+    trained = hub.trainer.model
+    assert float(trained.yolocomp_scale.detach()) != 1.0  # the new parameter was trained by the rebuilt optimizer
+    assert hub.methods[1].steps >= 1
+
+
+def test_step_hook_sees_unscaled_gradients():
+    layer = nn.Linear(3, 1, bias=False)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    seen = []
+
+    class Grab(Method):
+        def before_step(self, trainer):
+            seen.append(layer.weight.grad.clone())
+
+    optimizer.register_step_pre_hook(_StepPreHook(CallbackHub([]), [Grab()]))
+    x = torch.ones(1, 3)
+    scaler.scale(layer(x).sum()).backward()
+    assert torch.allclose(layer.weight.grad, torch.full((1, 3), 1024.0))  # scaled before unscale
+    scaler.step(optimizer)
+    assert torch.allclose(seen[0], torch.ones(1, 3))  # the hook ran after unscaling
+
+
+def test_hub_and_methods_pickle_without_runtime_state(tiny_data, tmp_path):
+    method = CountingMethod()
+    hub = CallbackHub([method])
+    hub.trainer = object()  # runtime-only, not picklable on purpose
+    restored = pickle.loads(pickle.dumps(hub.callbacks()))
+    assert restored["on_train_start"].__self__.trainer is None
+    assert isinstance(restored["on_train_start"].__self__.methods[0], CountingMethod)
+
+
+def test_load_model_errors(tmp_path):
+    with pytest.raises(UserError, match="weights not found"):
+        load_model(tmp_path / "missing.pt")
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="cannot read checkpoint"):
+        load_model(corrupt)
+    with pytest.raises(UserError, match="unsupported model"):
+        load_model(tmp_path / "model.h5")
+    from ultralytics.nn.tasks import ClassificationModel
+
+    with pytest.raises(UserError, match="is not a detection model"):
+        load_model(ClassificationModel("yolov8n-cls.yaml", nc=3, verbose=False))
+
+
+def test_save_model_loads_in_ultralytics_and_never_overwrites_input(tmp_path):
+    from ultralytics import YOLO
+
+    model = load_model("yolov8n.yaml", nc=3)
+    path = save_model(model, tmp_path / "m.pt")
+    loaded = YOLO(str(path)).model
+    x = torch.rand(1, 3, 64, 64)
+    model.eval()
+    loaded.float().eval()
+    with torch.no_grad():
+        assert torch.allclose(model(x)[0], loaded(x)[0], atol=5e-2, rtol=1e-2)  # fp16 storage
+    reloaded = load_model(path)
+    before = path.read_bytes()
+    with pytest.raises(UserError, match="refusing to overwrite the input checkpoint"):
+        save_model(reloaded, path)
+    assert path.read_bytes() == before
+
+
+def test_resolve_data_writes_absolute_copy(tmp_path):
+    import yaml
+
+    (tmp_path / "ds" / "images" / "val").mkdir(parents=True)
+    src = tmp_path / "ds.yaml"
+    src.write_text("path: ds\nval: images/val\nnames: {0: a}\n")
+    out = resolve_data(src, tmp_path / "work")
+    cfg = yaml.safe_load(out.read_text())
+    assert Path(cfg["path"]).is_absolute() and Path(cfg["path"]) == (tmp_path / "ds").resolve()
+    assert src.read_text().startswith("path: ds")  # the user's file is untouched
+    with pytest.raises(UserError, match="data yaml not found"):
+        resolve_data(tmp_path / "nope" / "x.yaml", tmp_path)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("path: ds\n")
+    with pytest.raises(UserError, match="needs at least 'val' and 'names'"):
+        resolve_data(bad, tmp_path)

@@ -1,0 +1,136 @@
+"""`yolocomp run`: chain a recipe's stages in one run folder, resumably, and report every stage's model.
+
+Layout of a run folder::
+
+    data/                 (synthetic data set, when the recipe asks for it)
+    00_baseline/ ...      (only a record: the input model measured as-is)
+    01_train/  02_prune/  03_distill/ ...   one folder per stage, in recipe order
+        stage.json        written last: a stage with this file is finished and skipped on re-run
+    report.json  report.md  pareto.png
+
+A stage without ``stage.json`` was interrupted; it runs again in its folder and, where the stage supports it, resumes
+from its last checkpoint (plain training does). Finished stages are never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from yolocomp.api import require, resolve_data
+from yolocomp.errors import NotBuiltError, UserError
+from yolocomp.recipe import MODEL_STAGES, Recipe
+from yolocomp.report import pareto_plot, print_table, write_json, write_report
+from yolocomp.stages import RUNNERS, StageResult
+
+REPORT_COLUMNS = ("stage", "model", "ap", "ap50", "ap75", "params_m", "gflops", "latency_ms", "size_mb")
+
+
+def run(recipe: Recipe, out: str | Path | None = None) -> dict:
+    """Run every stage of ``recipe`` that is built, then measure each stage's model and write the report."""
+    run_dir = Path(out or recipe.out or Path("runs") / "yolocomp" / Path(recipe.source).stem)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "recipe.json", recipe.to_dict())
+    data = resolve_data(recipe, run_dir)
+    stages = [name for name in recipe.stages if name in MODEL_STAGES]
+    if not stages and not any(name in recipe.stages for name in ("eval", "bench")):
+        raise UserError(f"{recipe.source}: no stages to run; add e.g. stages: {{prune: {{ratio: 0.3}}}}")
+
+    current = _initial_model(recipe)
+    reference = current if current.endswith(".pt") else None  # teacher for distillation: the uncompressed model
+    records: list[dict[str, Any]] = []
+    if current.endswith(".pt"):
+        records.append({"stage": "baseline", "artifacts": {"input": current}, "status": "done"})
+    for index, name in enumerate(stages, start=1):
+        stage_dir = run_dir / f"{index:02d}_{name}"
+        marker = stage_dir / "stage.json"
+        if marker.exists():
+            record = json.loads(marker.read_text())
+            print(f"[yolocomp run] {name}: finished earlier, skipped ({stage_dir})", flush=True)
+        else:
+            print(f"[yolocomp run] {name}: running in {stage_dir}", flush=True)
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            started = time.time()
+            try:
+                result: StageResult = RUNNERS[name](recipe, current, stage_dir, data, reference)
+            except NotBuiltError as e:
+                print(f"[yolocomp run] {name}: skipped — {e}", flush=True)
+                records.append({"stage": name, "status": "not built", "reason": str(e), "artifacts": {}})
+                continue
+            record = {
+                "stage": name,
+                "status": "done",
+                "seconds": round(time.time() - started, 1),
+                "next_model": result.next_model,
+                "artifacts": result.artifacts,
+                "report": result.report,
+            }
+            write_json(marker, record)
+        records.append(record)
+        current = record["next_model"]
+        if name == "train":
+            reference = current
+
+    rows = _measure(recipe, records, run_dir, data)
+    report = {"run_dir": str(run_dir), "recipe": recipe.to_dict(), "stages": records, "models": rows}
+    report["settings"] = {"imgsz": recipe.imgsz, "device": recipe.device, "eval": recipe.stage("eval"), "bench": recipe.stage("bench")}
+    write_report(run_dir, report, f"yolocomp run — {recipe.source}", rows=[{c: r.get(c) for c in REPORT_COLUMNS} for r in rows])
+    if any(r.get("ap") is not None for r in rows):
+        pareto_plot(rows, run_dir / "pareto.png", title=f"{Path(recipe.source).stem}: AP vs latency / size")
+    print_table(rows, f"yolocomp run — {run_dir}", REPORT_COLUMNS)
+    return report
+
+
+def _initial_model(recipe: Recipe) -> str:
+    return str(recipe.model)
+
+
+def _measure(recipe: Recipe, records: list[dict], run_dir: Path, data: Path | None) -> list[dict]:
+    """AP, parameters, GFLOPs, latency of every stage artifact; cached per stage in ``metrics.json``."""
+    try:
+        ev = require("yolocomp.eval", "evaluation")
+        bench_mod = require("yolocomp.eval.bench", "benchmarking")
+    except NotBuiltError as e:
+        print(f"[yolocomp run] measuring skipped — {e}", flush=True)
+        return []
+    e_cfg, b_cfg = recipe.stage("eval"), recipe.stage("bench")
+    rows = []
+    for record in records:
+        for label, path in record.get("artifacts", {}).items():
+            if not str(path).endswith((".pt", ".onnx", ".engine")) or not Path(path).exists():
+                continue
+            cache = run_dir / "metrics" / f"{record['stage']}_{label}.json"
+            if cache.exists():
+                rows.append(json.loads(cache.read_text()))
+                continue
+            row: dict[str, Any] = {"stage": f"{record['stage']}/{label}", "model": str(path)}
+            if data is not None:
+                result = ev.evaluate(
+                    str(path), str(data), imgsz=recipe.imgsz, device=recipe.device,
+                    conf=e_cfg["conf"], iou=e_cfg["iou"], max_det=e_cfg["max_det"], images=e_cfg["images"], batch=e_cfg["batch"],
+                )
+                row.update({k: result.get(k) for k in ("ap", "ap50", "ap75")})
+            timing = bench_mod.bench(
+                [str(path)], imgsz=recipe.imgsz, device=recipe.device, batch_sizes=tuple(b_cfg["batch_sizes"]),
+                runs=b_cfg["runs"], warmup=b_cfg["warmup"], threads=b_cfg["threads"],
+            )
+            model_stats = _first_model(timing)
+            row["params_m"] = (model_stats.get("params") or 0) / 1e6 or None
+            row["params"] = model_stats.get("params")
+            row["gflops"] = model_stats.get("gflops")
+            row["latency_ms"] = (model_stats.get("latency_ms") or {}).get("p50")
+            row["size_mb"] = model_stats.get("size_mb")
+            write_json(cache, row)
+            rows.append(row)
+    return rows
+
+
+def _first_model(timing: dict) -> dict:
+    models = timing.get("models", timing)
+    if isinstance(models, list):
+        return models[0] if models else {}
+    if isinstance(models, dict) and models:
+        return next(iter(models.values()))
+    return {}

@@ -1,0 +1,106 @@
+"""Tables on screen, markdown and JSON reports, and the AP-vs-cost plot."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.3e}"
+    return str(value)
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
+    """Plain-text table with aligned columns (keys of the first row unless ``columns`` is given)."""
+    if not rows:
+        return "(no rows)"
+    columns = list(columns or rows[0].keys())
+    cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = "  ".join(c.ljust(w) for c, w in zip(columns, widths))
+    sep = "  ".join("-" * w for w in widths)
+    body = ["  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths))) for row in cells]
+    return "\n".join([line, sep, *body])
+
+
+def print_table(rows: Sequence[dict], title: str, columns: Sequence[str] | None = None) -> None:
+    print(f"\n{title}\n{format_table(rows, columns)}\n", flush=True)
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
+    if not rows:
+        return "_no rows_\n"
+    columns = list(columns or rows[0].keys())
+    head = "| " + " | ".join(columns) + " |"
+    sep = "|" + "|".join("---" for _ in columns) + "|"
+    body = ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join([head, sep, *body]) + "\n"
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_json_default))
+    tmp.replace(path)
+    return path
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "item"):
+        return o.item()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+
+
+def write_report(out_dir: str | Path, report: dict, title: str, rows: Sequence[dict] | None = None) -> tuple[Path, Path]:
+    """Write ``report.json`` (everything) and ``report.md`` (title, table of ``rows``, settings)."""
+    out_dir = Path(out_dir)
+    json_path = write_json(out_dir / "report.json", report)
+    md = [f"# {title}\n"]
+    if rows:
+        md.append(markdown_table(rows))
+    settings = report.get("settings")
+    if settings:
+        md.append("\n## Settings\n\n```json\n" + json.dumps(settings, indent=2, default=_json_default) + "\n```\n")
+    md_path = out_dir / "report.md"
+    md_path.write_text("\n".join(md))
+    return json_path, md_path
+
+
+def pareto_plot(rows: Sequence[dict], path: str | Path, title: str = "AP vs cost") -> Path:
+    """Two panels: AP vs latency and AP vs size (parameters), one labelled point per stage model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in ((axes[0], "latency_ms", "latency p50 (ms, batch 1)"), (axes[1], "params_m", "parameters (M)")):
+        for row in rows:
+            x, y = row.get(key), row.get("ap")
+            if x is None or y is None:
+                continue
+            ax.scatter([x], [100 * y])
+            ax.annotate(str(row.get("stage")), (x, 100 * y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel(label)
+        ax.set_ylabel("AP50-95 (%)")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
