@@ -70,9 +70,11 @@ def evaluate(model: str, data: str, imgsz: int = 640, device: str = "cpu", json_
     ev = require("yolocomp.eval", "evaluation")
     from yolocomp.integration import resolve_data as _resolve
 
-    work = Path(json_out).parent if json_out else Path("runs") / "yolocomp" / "eval"
-    data_yaml = _resolve(data, work) if data != "synthetic" else data
-    return ev.evaluate(model, str(data_yaml), imgsz=imgsz, device=device, json_out=json_out, **settings)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="yolocomp-eval-") as work:  # the absolute-path data copy is scratch
+        data_yaml = _resolve(data, work)
+        return ev.evaluate(model, str(data_yaml), imgsz=imgsz, device=device, json_out=json_out, **settings)
 
 
 def bench(models: list[str], imgsz: int = 640, device: str = "cpu", json_out: str | None = None, **settings: Any) -> dict:
