@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["onnx", "engine"])
     p.add_argument("--check", action="store_true", default=None, help="lint Q/DQ placement for TensorRT")
     p.add_argument("--precision", choices=["auto", "fp32", "fp16", "int8"])
+    p.add_argument("--dla-core", type=int, help="TensorRT: run on this DLA core (Jetson), GPU fallback")
+    p.add_argument("--calibration-data", help="TensorRT <= 10, float ONNX + int8: folder of calibration images")
+    p.add_argument("--calibration-cache", help="TensorRT: calibration cache to reuse (or write)")
 
     p = sub.add_parser("eval", help="COCO AP / AP50 / AP75 with pycocotools (PyTorch, ONNX Runtime, TensorRT)")
     p.add_argument("--model", required=True, help=".pt, .onnx or .engine")
@@ -118,7 +121,7 @@ _STAGE_FLAGS = {
     "distill": ("teacher", "method", "epochs", "batch", "fraction", "lr0", "workers"),
     "qat": ("bits", "export", "epochs", "batch", "fraction", "lr0", "workers"),
     "ptq": ("calibrator", "images", "bits", "sensitivity"),
-    "export": ("format", "check", "precision"),
+    "export": ("format", "check", "precision", "dla_core", "calibration_data", "calibration_cache"),
 }
 
 
@@ -190,12 +193,18 @@ def _cmd_bench(args: argparse.Namespace) -> None:
         batch_sizes=tuple(args.batch_sizes), runs=args.runs, warmup=args.warmup, threads=args.threads,
     )
     rows = []
-    for m in result["models"]:
-        for bs, t in (m.get("batches") or {}).items():
-            rows.append({"model": m.get("model"), "batch": bs, "p50_ms": t["latency_ms"]["p50"], "p90_ms": t["latency_ms"]["p90"],
-                         "p99_ms": t["latency_ms"]["p99"], "fps": t.get("fps"), "params": m.get("params"), "gflops": m.get("gflops"),
-                         "size_mb": m.get("size_mb"), "speedup": t.get("speedup")})
-    print_table(rows, f"yolocomp bench — {result.get('device', args.device)}, imgsz {args.imgsz}")
+    for model, ratio in zip(result["models"], result["ratios"]):
+        for bs, t in model["by_batch"].items():
+            if "latency_ms" not in t:
+                continue
+            lat = t["latency_ms"]
+            rows.append({"model": model["name"], "backend": model["backend"], "batch": int(bs), "p50_ms": lat["p50"], "p90_ms": lat["p90"],
+                         "p99_ms": lat["p99"], "fps": t["fps"], "speedup": ratio["speedup"].get(bs), "params": model["params"],
+                         "gflops": model["gflops"], "size_mb": model["size_mb"]})
+    print_table(rows, f"yolocomp bench — {args.device}, imgsz {args.imgsz} (speedup = first model's p50 / this p50)")
+    for model in result["models"]:
+        for note in model.get("notes", []):
+            print(f"note: {model['name']}: {note}")
 
 
 def _cmd_info(args: argparse.Namespace) -> None:

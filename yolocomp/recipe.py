@@ -101,6 +101,9 @@ STAGES: dict[str, dict[str, tuple]] = {
         "format": (str, "onnx", _one_of("onnx", "engine"), "use onnx or engine"),
         "check": (bool, True, None, "use true or false"),
         "precision": (str, "auto", _one_of("auto", "fp32", "fp16", "int8"), "use auto, fp32, fp16 or int8"),
+        "dla_core": ((int, type(None)), None, _non_negative, "use a DLA core index such as 0 (Jetson) or null"),
+        "calibration_data": (OPT_STR, None, None, "give a folder of images for implicit INT8 calibration (TensorRT <= 10)"),
+        "calibration_cache": (OPT_STR, None, None, "give a calibration cache path to reuse or write"),
     },
     "eval": {
         "conf": (NUM, 0.001, _fraction, "use a confidence threshold such as 0.001"),

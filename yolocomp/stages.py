@@ -183,8 +183,11 @@ def stage_export(recipe: Recipe, model: str, out: Path, data: Path | None, refer
         report["check"] = [getattr(f, "__dict__", f) if not isinstance(f, dict) else f for f in findings]
     if s["format"] == "engine":
         trt = require("yolocomp.export.tensorrt", "TensorRT export")
-        report["engine"] = trt.export_engine(str(onnx), out=str(out), precision=s["precision"], imgsz=recipe.imgsz)
-        artifacts["engine"] = str(out / "model.engine")
+        report["engine"] = trt.export_engine(
+            str(onnx), out=str(out / f"{onnx.stem}.engine"), precision=s["precision"], imgsz=recipe.imgsz,
+            dla_core=s["dla_core"], calibration_data=s["calibration_data"], calibration_cache=s["calibration_cache"],
+        )
+        artifacts["engine"] = str(report["engine"].get("engine", out / f"{onnx.stem}.engine"))
     return StageResult("export", artifacts.get("engine", str(onnx)), artifacts, report)
 
 

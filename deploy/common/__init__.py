@@ -1,0 +1,1 @@
+"""Shared numpy-only pre/post-processing for the deploy scripts (no Ultralytics, no yolocomp, no torch)."""
