@@ -1,0 +1,191 @@
+"""Shared teacher handling for every distillation method.
+
+The teacher is loaded (path) or copied (module) at ``attach`` time, frozen, put in eval mode, moved to the trainer's
+device and kept on the method, never on the student, so it never reaches Ultralytics' checkpoints or EMA. It runs once
+per batch inside ``extra_loss``, i.e. inside the trainer's autocast context, under ``torch.no_grad()``.
+"""
+
+from __future__ import annotations
+
+from copy import deepcopy
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from yolocomp.distill.adapters import AuxOptimizer, make_adapter
+from yolocomp.distill.taps import FeatureTap, head_input_layers, probe_shapes, run_taps
+from yolocomp.errors import UserError
+from yolocomp.methods import Method
+
+_RUNTIME = ("teacher", "student_tap", "teacher_tap", "aux", "aux_optimizer", "levels")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    from yolocomp.integration.ultralytics import unwrap
+
+    return unwrap(model)
+
+
+def _head(model: nn.Module) -> nn.Module:
+    return model.model[-1]
+
+
+class TeacherDistiller(Method):
+    """Base class: owns the frozen teacher, the feature taps and the training-only modules (adapters, ...).
+
+    ``teacher``: an Ultralytics detection checkpoint path or a DetectionModel (copied, never modified) with the
+    student's classes, detection levels and DFL bins. ``layers``: student layer indices to tap (default: the inputs
+    of Detect, ``model.model[-1].f``, P3/P4/P5); ``teacher_layers``: the teacher's (default: ``layers`` when given,
+    else the teacher's Detect inputs). Tapped levels must have equal spatial sizes; widths may differ (adapters).
+
+    Subclasses implement :meth:`build_aux` (training-only modules, given per-level student/teacher channels) and
+    :meth:`losses` (the loss dict from student/teacher features, outputs and the batch).
+    """
+
+    name = "kd"
+    uses_features = True  #: False for methods that only need the head outputs (no taps, full teacher forward)
+
+    def __init__(self, teacher: str | Path | nn.Module, layers: list[int] | None = None, teacher_layers: list[int] | None = None):
+        if isinstance(teacher, (str, Path)):
+            self.teacher_source: str | nn.Module = str(teacher)
+        elif isinstance(teacher, nn.Module):
+            self.teacher_source = teacher
+        else:
+            raise UserError(f"teacher must be a checkpoint path or a model, got {type(teacher).__name__}; pass e.g. yolov8s.pt")
+        self.layers = [int(i) for i in layers] if layers else None
+        self.teacher_layers = [int(i) for i in teacher_layers] if teacher_layers else None
+        for key in _RUNTIME:
+            setattr(self, key, None)
+
+    # --- pickling (DDP pickles callbacks): runtime state is rebuilt by attach() ----------------------------------------
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        for key in _RUNTIME:
+            state[key] = None
+        return state
+
+    # --- setup ---------------------------------------------------------------------------------------------------------
+    def load_teacher(self) -> nn.Module:
+        """A frozen eval-mode copy of the teacher (the caller's module is never modified)."""
+        from yolocomp.integration.ultralytics import load_model
+
+        source = self.teacher_source
+        teacher = load_model(source) if isinstance(source, str) else deepcopy(load_model(source))
+        teacher = teacher.float().eval()
+        try:  # folding BN makes the teacher forward cheaper; features are the same up to float rounding
+            teacher = teacher.fuse(verbose=False)
+        except Exception:  # noqa: S110 - an unfusable teacher (custom modules) simply runs unfused
+            pass
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        return teacher
+
+    def resolve_layers(self, student: nn.Module, teacher: nn.Module) -> tuple[list[int], list[int]]:
+        s_layers = self.layers or head_input_layers(student)
+        t_layers = self.teacher_layers or (self.layers if self.layers else head_input_layers(teacher))
+        return s_layers, t_layers
+
+    def check_compatible(self, student: nn.Module, teacher: nn.Module | None = None) -> None:
+        """Refuse teachers that cannot teach this student (class count, number of feature levels, DFL bins)."""
+        teacher = teacher if teacher is not None else self.load_teacher()
+        s_head, t_head = _head(student), _head(teacher)
+        if s_head.nc != t_head.nc:
+            raise UserError(
+                f"teacher predicts {t_head.nc} classes but the student {s_head.nc}; use a teacher trained on the same classes"
+            )
+        s_layers, t_layers = self.resolve_layers(student, teacher)
+        if len(s_layers) != len(t_layers):
+            raise UserError(
+                f"student taps {len(s_layers)} feature levels {s_layers} but the teacher {len(t_layers)} {t_layers}; "
+                "use a teacher with the same number of detection levels (or pass matching layers)"
+            )
+        if s_head.nl != t_head.nl:
+            raise UserError(
+                f"student head has {s_head.nl} detection levels but the teacher {t_head.nl}; use a teacher of the same family"
+            )
+        if getattr(s_head, "reg_max", None) != getattr(t_head, "reg_max", None):
+            raise UserError(f"student head uses reg_max={s_head.reg_max} but the teacher {t_head.reg_max}; use a teacher of the same family")
+
+    def setup(self, student: nn.Module, device: torch.device | str = "cpu", optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Load and check the teacher, attach taps, build adapters; usable without a trainer (tests, custom loops)."""
+        self.release()
+        student = _unwrap(student)
+        device = torch.device(device)
+        teacher = self.load_teacher()
+        self.check_compatible(student, teacher)
+        self.teacher = teacher.to(device)
+        if self.uses_features:
+            s_layers, t_layers = self.resolve_layers(student, teacher)
+            self.student_tap = FeatureTap(s_layers)
+            self.teacher_tap = FeatureTap(t_layers, stop_early=not self.needs_teacher_head())
+            imgsz = int(max(float(student.stride.max()), 32)) * 2
+            self.student_tap.attach(student)
+            self.teacher_tap.attach(self.teacher)
+            s_shapes = probe_shapes(student, self.student_tap, imgsz, device)
+            t_shapes = probe_shapes(self.teacher, self.teacher_tap, imgsz, device)
+            for level, (s, t) in enumerate(zip(s_shapes, t_shapes)):
+                if s[1:] != t[1:]:
+                    raise UserError(
+                        f"feature level {level}: student layer {s_layers[level]} is {s[1]}x{s[2]} but teacher layer "
+                        f"{t_layers[level]} is {t[1]}x{t[2]} for a {imgsz}px input; pass layers with matching strides"
+                    )
+            self.levels = [(s[0], t[0]) for s, t in zip(s_shapes, t_shapes)]
+            self.aux = self.build_aux(self.levels).to(device)
+        else:
+            self.aux = nn.ModuleDict()
+        self.aux_optimizer = AuxOptimizer(self.aux, optimizer)
+
+    def needs_teacher_head(self) -> bool:
+        return False
+
+    def build_aux(self, levels: list[tuple[int, int]]) -> nn.Module:
+        """Training-only modules; default: one adapter per level (student width -> teacher width)."""
+        return nn.ModuleDict({"adapters": nn.ModuleList(make_adapter(s, t) for s, t in levels)})
+
+    def release(self) -> None:
+        for tap in (self.student_tap, self.teacher_tap):
+            if tap is not None:
+                tap.detach()
+        for key in _RUNTIME:
+            setattr(self, key, None)
+
+    # --- Method hooks --------------------------------------------------------------------------------------------------
+    def attach(self, trainer: Any) -> None:
+        self.setup(trainer.model, trainer.device, getattr(trainer, "optimizer", None))
+
+    def extra_loss(self, trainer: Any, batch: dict, preds: Any) -> dict[str, torch.Tensor]:
+        if self.teacher is None:
+            self.setup(trainer.model, batch["img"].device, getattr(trainer, "optimizer", None))
+        with torch.no_grad():
+            teacher_out = run_taps(self.teacher, self.teacher_tap, batch["img"]) if self.uses_features else self.teacher(batch["img"])
+        try:
+            s_feats = self.student_tap.get() if self.uses_features else []
+            t_feats = [f.detach() for f in self.teacher_tap.get()] if self.uses_features else []
+            return self.losses(s_feats, t_feats, preds, teacher_out, batch)
+        finally:
+            for tap in (self.student_tap, self.teacher_tap):
+                if tap is not None:
+                    tap.clear()
+
+    def losses(self, s_feats: list[torch.Tensor], t_feats: list[torch.Tensor], preds: Any, teacher_out: Any, batch: dict) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def adapt(self, level: int, feat: torch.Tensor) -> torch.Tensor:
+        return self.aux["adapters"][level](feat.float())
+
+    def before_step(self, trainer: Any) -> None:
+        if self.aux_optimizer is not None:
+            self.aux_optimizer.step(trainer)
+
+    def on_train_end(self, trainer: Any) -> None:
+        self.release()
+
+    def finalize(self, model: nn.Module) -> nn.Module:
+        # Nothing to strip: taps live on the training model only and adapters/teacher were never part of it.
+        return model
+
+    def __repr__(self) -> str:
+        source = self.teacher_source if isinstance(self.teacher_source, str) else type(self.teacher_source).__name__
+        return f"{type(self).__name__}(teacher={source!r})"

@@ -1,0 +1,88 @@
+"""Head-level knowledge distillation: class scores and box distributions (DFL bins) of the teacher's Detect head.
+
+For every anchor point a (student and teacher share strides and image size, hence anchors):
+
+* class KD: binary KL between ``sigmoid(t / T)`` and ``sigmoid(s / T)`` per class (YOLO's classes are independent
+  sigmoids), summed over classes, times T^2;
+* DFL KD: KL between ``softmax(t / T)`` and ``softmax(s / T)`` over the ``reg_max`` bins of each box side, summed
+  over the 4 sides, times T^2 (localization distillation);
+* both are averaged over anchors weighted by the teacher's confidence ``max_c sigmoid(t)``, so the few anchors on
+  objects dominate rather than the many empty ones (like Ultralytics' own score-weighted feature distillation).
+
+Columns ``kdcls_loss = cls_weight * class KD`` and ``kddfl_loss = dfl_weight * DFL KD``; both are 0 when student
+and teacher outputs are equal.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from yolocomp.distill.base import TeacherDistiller
+from yolocomp.errors import UserError
+
+
+def head_outputs(preds: Any) -> dict[str, torch.Tensor]:
+    """The raw one-to-many head dict (``boxes`` (B, 4*reg_max, A), ``scores`` (B, nc, A)) from train or eval output."""
+    if isinstance(preds, (tuple, list)) and len(preds) == 2 and isinstance(preds[1], dict):
+        preds = preds[1]  # eval mode: (decoded, raw)
+    if isinstance(preds, dict) and "one2many" in preds:
+        preds = preds["one2many"]
+    if not isinstance(preds, dict) or "scores" not in preds or "boxes" not in preds:
+        raise TypeError(f"unexpected Detect output {type(preds).__name__}; head KD needs Ultralytics' raw head dict")
+    return preds
+
+
+def head_kd_terms(student: dict, teacher: dict, reg_max: int, temperature: float) -> dict[str, torch.Tensor]:
+    s_cls, t_cls = student["scores"].float(), teacher["scores"].float()
+    s_box, t_box = student["boxes"].float(), teacher["boxes"].float()
+    if s_cls.shape != t_cls.shape or s_box.shape != t_box.shape:
+        raise UserError(f"student head outputs {tuple(s_cls.shape)} but teacher {tuple(t_cls.shape)}; use a teacher with the same classes and strides")
+    T = temperature
+    weight = t_cls.sigmoid().amax(1)  # (B, A)
+    norm = weight.sum().clamp(min=1e-6)
+    p_t = (t_cls / T).sigmoid()
+    cls_kl = F.binary_cross_entropy_with_logits(s_cls / T, p_t, reduction="none") - F.binary_cross_entropy_with_logits(
+        t_cls / T, p_t, reduction="none"
+    )  # binary KL(p_t || p_s) = cross-entropy - entropy
+    b, _, a = s_box.shape
+    if reg_max <= 1:  # heads without DFL bins (e.g. YOLO26) regress the 4 distances directly
+        box_l1 = (s_box - t_box).abs().sum(1)
+        return {"cls": (cls_kl.sum(1) * weight).sum() / norm * T * T, "dfl": (box_l1 * weight).sum() / norm}
+    log_s = (s_box.view(b, 4, reg_max, a) / T).log_softmax(2)
+    log_t = (t_box.view(b, 4, reg_max, a) / T).log_softmax(2)
+    dfl_kl = (log_t.exp() * (log_t - log_s)).sum((1, 2))  # (B, A)
+    return {
+        "cls": (cls_kl.sum(1) * weight).sum() / norm * T * T,
+        "dfl": (dfl_kl * weight).sum() / norm * T * T,
+    }
+
+
+class HeadKD(TeacherDistiller):
+    """Class-score and box-distribution distillation from the teacher's head (the CLI's ``--method logit``)."""
+
+    name = "logit"
+    uses_features = False
+
+    def __init__(self, teacher: str | Path | nn.Module, temperature: float = 2.0, cls_weight: float = 1.0, dfl_weight: float = 1.0):
+        super().__init__(teacher)
+        if temperature <= 0:
+            raise UserError(f"head KD temperature={temperature} must be positive; use e.g. 2")
+        if cls_weight < 0 or dfl_weight < 0:
+            raise UserError(f"head KD weights must be >= 0 (got cls_weight={cls_weight}, dfl_weight={dfl_weight})")
+        self.temperature, self.cls_weight, self.dfl_weight = float(temperature), float(cls_weight), float(dfl_weight)
+
+    def needs_teacher_head(self) -> bool:
+        return True
+
+    def losses(self, s_feats: list[torch.Tensor], t_feats: list[torch.Tensor], preds: Any, teacher_out: Any, batch: dict) -> dict[str, torch.Tensor]:
+        reg_max = int(self.teacher.model[-1].reg_max)
+        terms = head_kd_terms(head_outputs(preds), head_outputs(teacher_out), reg_max, self.temperature)
+        return {"kdcls_loss": self.cls_weight * terms["cls"], "kddfl_loss": self.dfl_weight * terms["dfl"]}
+
+    def __repr__(self) -> str:
+        return f"{super().__repr__()[:-1]}, temperature={self.temperature}, cls_weight={self.cls_weight}, dfl_weight={self.dfl_weight})"
