@@ -58,37 +58,6 @@ class StepTimer(Method):
         return round(1000 * statistics.fmean(t), 1) if t else None
 
 
-def linked_data(data_yaml: Path, workdir: Path) -> Path:
-    """Absolute data yaml over a linked copy of the dataset under ``workdir``, so ``../shared`` stays untouched.
-
-    Ultralytics resolves the split folders (``Path.resolve()`` follows a linked folder) and writes
-    ``labels/<split>.cache`` beside the label folder it derives from the image paths. Real ``images/<split>``
-    folders holding one link per image keep those derived paths, and so the caches, under ``workdir``.
-    """
-    import yaml
-
-    cfg = yaml.safe_load(Path(data_yaml).read_text())
-    src = Path(cfg.get("path") or ".")
-    src = (src if src.is_absolute() else (Path(data_yaml).parent / src)).resolve()
-    if not src.exists():  # the shared yaml's relative path is meant from the repo root's parent layout
-        src = Path(data_yaml).resolve().parent
-    root = workdir / "data"
-    if (src / "annotations").exists() and not (root / "annotations").exists():
-        root.mkdir(parents=True, exist_ok=True)
-        (root / "annotations").symlink_to(src / "annotations", target_is_directory=True)
-    for kind in ("images", "labels"):
-        for split_dir in sorted(p for p in (src / kind).iterdir() if p.is_dir()):
-            dest = root / kind / split_dir.name
-            dest.mkdir(parents=True, exist_ok=True)
-            for f in split_dir.iterdir():
-                if not (dest / f.name).exists():
-                    (dest / f.name).symlink_to(f)
-    cfg["path"] = str(root.resolve())
-    out = root / Path(data_yaml).name
-    out.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return out
-
-
 def _metrics(m: dict) -> dict:
     return {k: round(100 * m[k], 2) for k in ("ap", "ap50", "ap75")}
 
@@ -115,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     from yolocomp.distill.api import make_method, read_loss_columns
     from yolocomp.errors import UserError
     from yolocomp.eval import evaluate
-    from yolocomp.integration import load_model, resolve_data, save_model, train
+    from yolocomp.integration import load_model, mirror_dataset, resolve_data, save_model, train
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in variants if v not in VARIANTS]
@@ -123,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError(f"unknown variant {bad[0]}; use {', '.join(VARIANTS)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = resolve_data(linked_data(Path(args.data), out), out)
+    data = resolve_data(mirror_dataset(Path(args.data), out), out)
     teacher_path = str(Path(args.weights).resolve())
     teacher = load_model(teacher_path)
 

@@ -68,9 +68,9 @@ def load_model(recipe: Recipe, data_yaml: Path | None):  # noqa: ANN201 - return
 # --- measuring ------------------------------------------------------------------------------------------------------
 def evaluate(model: str, data: str, imgsz: int = 640, device: str = "cpu", json_out: str | None = None, **settings: Any) -> dict:
     ev = require("yolocomp.eval", "evaluation")
-    from yolocomp.integration import resolve_data as _resolve
-
     import tempfile
+
+    from yolocomp.integration import resolve_data as _resolve
 
     with tempfile.TemporaryDirectory(prefix="yolocomp-eval-") as work:  # the absolute-path data copy is scratch
         data_yaml = _resolve(data, work)

@@ -5,9 +5,10 @@ from yolocomp.integration.ultralytics import (
     CompressionTrainer,
     attach,
     load_model,
+    mirror_dataset,
     resolve_data,
     save_model,
     train,
 )
 
-__all__ = ["CallbackHub", "CompressionTrainer", "attach", "load_model", "resolve_data", "save_model", "train"]
+__all__ = ["CallbackHub", "CompressionTrainer", "attach", "load_model", "mirror_dataset", "resolve_data", "save_model", "train"]

@@ -425,7 +425,10 @@ def resolve_data(data: str | Path, workdir: str | Path) -> Path:
         raise UserError(f"data yaml {data} needs at least 'val' and 'names' keys (Ultralytics detection format)")
     root = Path(cfg.get("path") or ".")
     if not root.is_absolute():
+        # relative to the yaml, to the working directory, or (a yaml kept inside its data set) the yaml's own folder
         candidates = [(src.parent / root), (Path.cwd() / root)]
+        if (src.parent / str(cfg["val"])).exists():
+            candidates.append(src.parent)
         found = next((c for c in candidates if c.exists()), None)
         if found is None:
             raise UserError(f"data root '{cfg.get('path')}' of {data} not found next to the yaml or the current directory")
@@ -455,4 +458,34 @@ def _ultralytics_dataset(name: str, workdir: Path) -> Path:
     out = workdir / f"{Path(name).stem}.abs.yaml"
     keep = {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.items() if k in {"path", "train", "val", "test", "names", "nc", "download"}}
     out.write_text(yaml.safe_dump(keep, sort_keys=False))
+    return out
+
+
+def mirror_dataset(data: str | Path, workdir: str | Path) -> Path:
+    """An absolute-path data yaml over a linked mirror of a read-only dataset (e.g. ``../shared/coco-real``).
+
+    Ultralytics writes ``labels/<split>.cache`` beside the label folder it derives from each image path, following
+    folder links. Real folders holding one link per file keep those derived paths, and so the caches, in ``workdir``.
+    """
+    import yaml
+
+    resolved = resolve_data(data, workdir)  # validates and gives the absolute root
+    cfg = yaml.safe_load(resolved.read_text())
+    src = Path(cfg["path"])
+    root = Path(workdir).resolve() / f"{Path(data).stem}-mirror"
+    for kind in ("images", "labels"):
+        if not (src / kind).is_dir():
+            continue
+        for split_dir in sorted(p for p in (src / kind).iterdir() if p.is_dir()):
+            dest = root / kind / split_dir.name
+            dest.mkdir(parents=True, exist_ok=True)
+            for f in split_dir.iterdir():
+                if not (dest / f.name).exists():
+                    (dest / f.name).symlink_to(f)
+    for extra in ("annotations",):
+        if (src / extra).exists() and not (root / extra).exists():
+            (root / extra).symlink_to(src / extra, target_is_directory=True)
+    cfg["path"] = str(root)
+    out = root / Path(data).name
+    out.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return out
