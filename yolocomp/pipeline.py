@@ -3,8 +3,8 @@
 Layout of a run folder::
 
     data/                 (synthetic data set, when the recipe asks for it)
-    00_baseline/ ...      (only a record: the input model measured as-is)
-    01_train/  02_prune/  03_distill/ ...   one folder per stage, in recipe order
+    (a .pt input model is measured first as "baseline"; it gets no folder)
+    01_train/  02_prune/  03_distill/ ...   one folder per stage, in the order of recipe.MODEL_STAGES
         stage.json        written last: a stage with this file is finished and skipped on re-run
     report.json  report.md  pareto.png
 
@@ -21,7 +21,7 @@ from typing import Any
 
 from yolocomp.api import require, resolve_data
 from yolocomp.errors import NotBuiltError, UserError
-from yolocomp.recipe import MODEL_STAGES, Recipe
+from yolocomp.recipe import BRANCH_STAGES, MODEL_STAGES, Recipe
 from yolocomp.report import pareto_plot, print_table, write_json, write_report
 from yolocomp.stages import RUNNERS, StageResult
 
@@ -34,7 +34,7 @@ def run(recipe: Recipe, out: str | Path | None = None) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "recipe.json", recipe.to_dict())
     data = resolve_data(recipe, run_dir)
-    stages = [name for name in recipe.stages if name in MODEL_STAGES]
+    stages = [name for name in MODEL_STAGES if name in recipe.stages]
     if not stages and not any(name in recipe.stages for name in ("eval", "bench")):
         raise UserError(f"{recipe.source}: no stages to run; add e.g. stages: {{prune: {{ratio: 0.3}}}}")
 
@@ -69,7 +69,8 @@ def run(recipe: Recipe, out: str | Path | None = None) -> dict:
             }
             write_json(marker, record)
         records.append(record)
-        current = record["next_model"]
+        if name not in BRANCH_STAGES:
+            current = record["next_model"]
         if name == "train":
             reference = current
 

@@ -120,8 +120,10 @@ STAGES: dict[str, dict[str, tuple]] = {
     },
 }
 
-#: Stages that produce a new model (the rest measure or convert).
-MODEL_STAGES = ("train", "prune", "distill", "qat", "ptq", "export")
+#: Stages that produce a new model, in the order `yolocomp run` chains them whatever the order in the file.
+#: PTQ is a branch: it quantizes the float model handed to it, and the chain goes on with that float model.
+MODEL_STAGES = ("train", "prune", "distill", "ptq", "qat", "export")
+BRANCH_STAGES = ("ptq",)
 
 TOP: dict[str, tuple] = {
     "model": (str, None, None, "name an Ultralytics model yaml (yolov8n.yaml) or a .pt checkpoint"),
