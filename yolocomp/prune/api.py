@@ -1,0 +1,239 @@
+"""``yolocomp prune``: optional sparsity / attention training, pruning, optional fine-tune, evaluation, report."""
+
+from __future__ import annotations
+
+import json
+import time
+from copy import deepcopy
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from yolocomp.errors import UserError
+from yolocomp.prune.pruner import count_params, gflops, prune_model
+
+METHODS = ("bn", "cap", "l1", "random")
+
+
+def export_onnx(model: nn.Module, imgsz: int, workdir: Path) -> str:
+    """Ultralytics ONNX export (static batch 1, not simplified) of an in-memory model; returns the .onnx path."""
+    import copy
+
+    from ultralytics import YOLO
+
+    from yolocomp.integration import save_model
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    pt = save_model(copy.deepcopy(model), workdir / "latency.pt")
+    return YOLO(str(pt)).export(format="onnx", imgsz=imgsz, simplify=False, dynamic=False, verbose=False)
+
+
+def time_onnx(paths: dict[str, str], imgsz: int, runs: int = 30, warmup: int = 5, threads: int | None = None,
+              rounds: int = 3) -> dict[str, float]:
+    """Batch-1 ONNX Runtime CPU latency (ms) per model: models interleaved over ``rounds``, best round's median.
+
+    Interleaving and the best round keep a busy, shared machine from favouring whichever model ran in a quiet moment.
+    """
+    import numpy as np
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    sessions = {k: ort.InferenceSession(p, opts, providers=["CPUExecutionProvider"]) for k, p in paths.items()}
+    x = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
+    best = {k: float("inf") for k in paths}
+    for _ in range(rounds):
+        for k, sess in sessions.items():
+            feed = {sess.get_inputs()[0].name: x}
+            for _ in range(warmup):
+                sess.run(None, feed)
+            times = []
+            for _ in range(runs):
+                t = time.perf_counter()
+                sess.run(None, feed)
+                times.append((time.perf_counter() - t) * 1000)
+            best[k] = min(best[k], float(np.median(times)))
+    return {k: round(v, 3) for k, v in best.items()}
+
+
+def onnx_latency(model: nn.Module, imgsz: int, workdir: Path, runs: int = 30, warmup: int = 5,
+                 threads: int | None = None) -> dict:
+    """Median ONNX Runtime CPU latency (batch 1) of an Ultralytics ONNX export of ``model``.
+
+    Uses ``yolocomp.eval.bench`` when it exists, otherwise :func:`time_onnx` on the same export.
+    """
+    try:
+        import copy
+
+        from yolocomp.eval.bench import bench  # written by the eval engineer
+        from yolocomp.integration import save_model
+
+        workdir.mkdir(parents=True, exist_ok=True)
+        pt = save_model(copy.deepcopy(model), workdir / "latency.pt")
+        res = bench([str(pt)], imgsz=imgsz, device="cpu", runs=runs, warmup=warmup, threads=threads)
+        first = next(iter(res.values())) if isinstance(res, dict) and "latency_ms" not in res else res
+        return {"p50": first["latency_ms"]["p50"], "source": "yolocomp.eval.bench"}
+    except (ImportError, KeyError, TypeError, StopIteration):
+        pass
+    path = export_onnx(model, imgsz, workdir)
+    return {"p50": time_onnx({"m": path}, imgsz, runs, warmup, threads, rounds=1)["m"],
+            "source": "onnxruntime CPUExecutionProvider, batch 1, Ultralytics ONNX export"}
+
+
+def _evaluate(model: Any, data: str | None, imgsz: int, device: str, batch: int) -> dict | None:
+    if data is None:
+        return None
+    from yolocomp.eval import evaluate
+
+    r = evaluate(model, data, imgsz=imgsz, device=device, batch=batch, progress=False)
+    return {k: r[k] for k in ("ap", "ap50", "ap75", "aps", "apm", "apl", "ar100", "images")}
+
+
+def _size_mb(path: Path) -> float:
+    return round(path.stat().st_size / 1e6, 3)
+
+
+def prune(
+    model: str | Path | nn.Module,
+    out: str | Path,
+    data: str | Path | None = None,
+    method: str = "bn",
+    ratio: float | None = None,
+    flops_reduction: float | None = None,
+    sparsity_epochs: int = 0,
+    finetune_epochs: int = 0,
+    s: float = 1e-4,
+    s_schedule: str = "constant",
+    imgsz: int = 640,
+    batch: int = 16,
+    fraction: float = 1.0,
+    device: str = "cpu",
+    min_channels: int = 8,
+    round_to: int = 8,
+    ignore: tuple[int, ...] = (),
+    evaluate: bool = True,
+    latency: bool = True,
+    attention: str = "eca",
+    max_layer_ratio: float | None = None,
+    **train_overrides: Any,
+) -> dict:
+    """Run the pruning pipeline and write ``out/pruned.pt`` (+ ``finetuned.pt``), ``report.json``, ``report.md``."""
+    from yolocomp.integration import load_model, resolve_data, save_model, train
+    from yolocomp.prune.cap import ChannelAttentionPruning
+    from yolocomp.prune.compensate import calibration_images
+    from yolocomp.prune.slimming import BNSlimming
+
+    if method not in METHODS:
+        raise UserError(f"--method {method} unknown; choose one of {', '.join(METHODS)}")
+    if ratio is None and flops_reduction is None:
+        ratio = 0.3
+    for name, v in (("ratio", ratio), ("flops-reduction", flops_reduction)):
+        if v is not None and not 0.0 < v < 1.0:
+            raise UserError(f"--{name} {v} is outside (0, 1); pick e.g. 0.3")
+    if ratio is not None and flops_reduction is not None:
+        raise UserError("give --ratio or --flops-reduction, not both")
+    notes: list[str] = []
+    if method == "cap" and sparsity_epochs < 1:
+        sparsity_epochs = 1
+        notes.append("cap needs attention training: ran 1 attention epoch (set --sparsity-epochs for more)")
+    if method in {"l1", "random"} and sparsity_epochs:
+        notes.append(f"--sparsity-epochs ignored for {method} (no sparsity term)")
+        sparsity_epochs = 0
+    if (sparsity_epochs or finetune_epochs) and data is None:
+        raise UserError("sparsity/attention training and fine-tuning need --data (an Ultralytics data yaml)")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / "work"
+    data_abs = str(resolve_data(data, work)) if data is not None else None
+    eval_data = data_abs if evaluate else None
+    original = load_model(model)
+    source = str(model) if not isinstance(model, nn.Module) else getattr(model, "pt_path", "<in-memory>")
+    train_args = {"imgsz": imgsz, "batch": batch, "fraction": fraction, "device": device, **train_overrides}
+    t0 = time.perf_counter()
+
+    calib = calibration_images(data_abs, imgsz) if data_abs is not None else None
+    ap: dict[str, dict | None] = {"before": _evaluate(original, eval_data, imgsz, device, batch)}
+    trained = original
+    history = None
+    if method == "bn" and sparsity_epochs:
+        slim = BNSlimming(s=s, schedule=s_schedule, ignore=ignore, imgsz=imgsz)
+        res = train(deepcopy(original), data_abs, [slim], project=out, name="sparsity", epochs=sparsity_epochs, **train_args)
+        trained, history = res.model, slim.history
+        ap["after_sparsity"] = _evaluate(trained, eval_data, imgsz, device, batch)
+    if method == "cap":
+        cap = ChannelAttentionPruning(ratio=ratio, flops_reduction=flops_reduction, attention=attention,
+                                      min_channels=min_channels, round_to=round_to, ignore=ignore, imgsz=imgsz,
+                                      calib=calib, max_layer_ratio=max_layer_ratio)
+        res = train(deepcopy(original), data_abs, [cap], project=out, name="attention", epochs=sparsity_epochs, **train_args)
+        pruned, summary = res.model, cap.summary
+    else:
+        pruned, summary = prune_model(trained, ratio=ratio, flops_reduction=flops_reduction, method=method,
+                                      min_channels=min_channels, round_to=round_to, ignore=ignore, imgsz=imgsz,
+                                      calib=calib, max_layer_ratio=max_layer_ratio)
+    pruned_path = save_model(pruned, out / "pruned.pt", extra={"prune": {k: summary[k] for k in ("method", "target", "achieved")}})
+    ap["pruned"] = _evaluate(pruned, eval_data, imgsz, device, batch)
+
+    models = {"before": (original, None), "pruned": (pruned, pruned_path)}
+    if finetune_epochs:
+        res = train(pruned, data_abs, [], project=out, name="finetune", epochs=finetune_epochs, **train_args)
+        finetuned = res.model
+        ft_path = save_model(finetuned, out / "finetuned.pt", extra={"prune": {"finetune_epochs": finetune_epochs}})
+        ap["finetuned"] = _evaluate(finetuned, eval_data, imgsz, device, batch)
+        models["finetuned"] = (finetuned, ft_path)
+
+    rows = []
+    for stage, (m, path) in models.items():
+        row = {"model": stage, "params": count_params(m), "gflops": round(gflops(m, imgsz), 3),
+               "size_mb": _size_mb(path) if path else None}
+        if latency:
+            row["latency_ms_p50"] = onnx_latency(m, imgsz, work / f"latency_{stage}")["p50"]
+        a = ap.get(stage)
+        row.update({k: (round(a[k], 4) if a else None) for k in ("ap", "ap50", "ap75")})
+        rows.append(row)
+    if latency and rows[0].get("latency_ms_p50"):
+        for r in rows:
+            r["speedup"] = round(rows[0]["latency_ms_p50"] / r["latency_ms_p50"], 3)
+
+    report = {
+        "source": source,
+        "method": method,
+        "target": summary["target"],
+        "achieved": summary["achieved"],
+        "params": summary["params"],
+        "gflops": summary["gflops"],
+        "channels": summary["channels"],
+        "prunable_channels": summary["prunable_channels"],
+        "stage_pruned_share": summary["stage_pruned_share"],
+        "ap": ap,
+        "models": rows,
+        "layers": summary["layers"],
+        "gamma_history": history,
+        "files": {k: str(p) for k, (_, p) in models.items() if p},
+        "notes": notes,
+        "settings": {"data": str(data) if data else None, "imgsz": imgsz, "sparsity_epochs": sparsity_epochs,
+                     "finetune_epochs": finetune_epochs, "s": s, "s_schedule": s_schedule, "batch": batch,
+                     "fraction": fraction, "device": device, **summary["settings"]},
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    write_report(out, report)
+    return report
+
+
+def write_report(out: Path, report: dict) -> None:
+    """report.json (everything) and report.md (model table, stage shares, per-layer kept/total)."""
+    from yolocomp.report import markdown_table, print_table
+
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    layer_rows = [{"layer": r["layer"], "type": r["type"], "stage": r["stage"], "kept/total": f"{r['kept']}/{r['total']}",
+                   "out kept/total": f"{r['out_kept']}/{r['out_total']}" if r["out_total"] else "-",
+                   "pinned": r["pinned"]} for r in report["layers"]]
+    md = [f"# Pruning report ({report['method']})\n", f"source: `{report['source']}`\n",
+          f"target {report['target']}, achieved {report['achieved']}\n", markdown_table(report["models"]),
+          "\n## Share of channels removed per stage\n", markdown_table([report["stage_pruned_share"]]),
+          "\n## Per layer\n", markdown_table(layer_rows)]
+    if report["notes"]:
+        md += ["\n## Notes\n", *[f"- {n}" for n in report["notes"]]]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    print_table(report["models"], f"yolocomp prune ({report['method']})")

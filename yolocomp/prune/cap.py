@@ -1,0 +1,177 @@
+"""CAP (CAP-YOLO, Xu et al. 2022): channel-attention pruning as a training :class:`Method`.
+
+``prepare`` wraps every conv that produces prunable channels in :class:`AttentionGate` (its Conv followed by an ECA-
+or SE-style attention). The attention is ``2 * sigmoid(z)`` with the last layer zero-initialised, so at the start the
+gate is exactly the identity and training only moves it where a channel matters more or less. The mean attention of
+each channel over the training batches is its importance: unlike BN γ, it is measured on the same scale in every
+stage, so one global threshold does not over-prune the neck. ``finalize`` unwraps the gates (no extra layers remain)
+and prunes by those means.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from yolocomp.errors import UserError
+from yolocomp.methods import Method
+
+
+class ECA(nn.Module):
+    """Efficient channel attention: 1-D conv across channels of the pooled features."""
+
+    def __init__(self, channels: int, k: int | None = None):
+        super().__init__()
+        if k is None:  # adaptive kernel from the ECA paper: odd, grows with log2(C)
+            t = int(abs((math.log2(channels) + 1) / 2))
+            k = t if t % 2 else t + 1
+        self.conv = nn.Conv1d(1, 1, k, padding=k // 2, bias=True)
+        nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.mean((2, 3)).unsqueeze(1)  # (N, 1, C)
+        return 2 * torch.sigmoid(self.conv(y).squeeze(1))  # (N, C), 1.0 at init
+
+
+class SE(nn.Module):
+    """Squeeze-and-excitation attention."""
+
+    def __init__(self, channels: int, reduction: int = 4):
+        super().__init__()
+        hidden = max(channels // reduction, 4)
+        self.fc1 = nn.Linear(channels, hidden)
+        self.fc2 = nn.Linear(hidden, channels)
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean((2, 3))))))
+
+
+class AttentionGate(nn.Module):
+    """A Conv followed by channel attention; remembers the batch's mean attention while training."""
+
+    def __init__(self, block: nn.Module, kind: str = "eca"):
+        super().__init__()
+        channels = block.conv.out_channels
+        self.block = block
+        self.attn = ECA(channels) if kind == "eca" else SE(channels)
+        self.last: torch.Tensor | None = None
+        for attr in ("f", "i", "type", "np"):  # a top-level layer: DetectionModel routes by these
+            if hasattr(block, attr):
+                setattr(self, attr, getattr(block, attr))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.block(x)
+        a = self.attn(y)
+        if self.training:
+            self.last = a.detach().mean(0)
+        return y * a[:, :, None, None]
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+class ChannelAttentionPruning(Method):
+    """Insert attention gates, accumulate mean attention per channel while training, prune by it in ``finalize``."""
+
+    name = "cap"
+
+    def __init__(self, ratio: float | None = 0.3, flops_reduction: float | None = None, attention: str = "eca",
+                 layers: tuple[int, ...] | None = None, min_channels: int = 8, round_to: int = 8,
+                 ignore: tuple[int, ...] = (), imgsz: int = 640, calib: torch.Tensor | None = None,
+                 max_layer_ratio: float | None = None):
+        if attention not in {"eca", "se"}:
+            raise UserError(f"attention '{attention}' unknown; use eca or se")
+        self.ratio, self.flops_reduction, self.attention = ratio, flops_reduction, attention
+        self.layers = None if layers is None else tuple(layers)
+        self.min_channels, self.round_to, self.ignore, self.imgsz = min_channels, round_to, tuple(ignore), imgsz
+        self.max_layer_ratio = max_layer_ratio
+        self.calib = calib  #: images for mean compensation when pruning (optional)
+        self.sums: dict[str, torch.Tensor] = {}
+        self.batches = 0
+        self.summary: dict | None = None
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["calib"] = None  # large image tensor: not shipped to DDP workers (finalize then uses the BN estimate)
+        return state
+
+    # --- structure ----------------------------------------------------------------------------------------------------
+    def gate_targets(self, model: nn.Module) -> list[str]:
+        """Convs producing prunable channels (optionally only in ``layers``)."""
+        from yolocomp.prune.graph import build_graph
+
+        graph = build_graph(strip_gates(model, copy=True), self.ignore)
+        names = {p for s in graph.prunable_spaces() for p, _ in s.producers}
+        if self.layers is not None:
+            names = {n for n in names if int(n.split(".")[1]) in self.layers}
+        return sorted(names)
+
+    def prepare(self, model: nn.Module) -> bool:
+        if any(isinstance(m, AttentionGate) for m in model.modules()):
+            return False  # resumed: gates already there
+        changed = False
+        p = next(model.parameters())
+        for name in self.gate_targets(model):
+            _set(model, name, AttentionGate(model.get_submodule(name), self.attention).to(p.device))
+            changed = True
+        return changed
+
+    # --- statistics ---------------------------------------------------------------------------------------------------
+    def extra_loss(self, trainer: Any, batch: dict, preds: Any) -> dict[str, torch.Tensor]:
+        from yolocomp.integration.ultralytics import unwrap
+
+        self.accumulate(unwrap(trainer.model))
+        return {}
+
+    def accumulate(self, model: nn.Module) -> None:
+        """Add each gate's last batch attention to the running sums (called once per training batch)."""
+        seen = False
+        for name, m in model.named_modules():
+            if isinstance(m, AttentionGate) and m.last is not None:
+                key = name.removesuffix(".block")
+                a = m.last.float().cpu()
+                self.sums[key] = self.sums[key] + a if key in self.sums else a.clone()
+                m.last = None
+                seen = True
+        self.batches += int(seen)
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        if not self.batches:
+            raise UserError("CAP has no attention statistics: train with the method attached before finalize()")
+        return {k: v / self.batches for k, v in self.sums.items()}
+
+    def finalize(self, model: nn.Module) -> nn.Module:
+        plain = strip_gates(model, copy=True)
+        if self.ratio is None and self.flops_reduction is None:
+            return plain
+        from yolocomp.prune.pruner import prune_model
+
+        pruned, self.summary = prune_model(plain, ratio=self.ratio, flops_reduction=self.flops_reduction,
+                                           method="cap", importance=self.scores(), min_channels=self.min_channels,
+                                           round_to=self.round_to, ignore=self.ignore, imgsz=self.imgsz,
+                                           calib=self.calib, max_layer_ratio=self.max_layer_ratio)
+        return pruned
+
+    def __repr__(self) -> str:
+        return f"ChannelAttentionPruning(ratio={self.ratio}, attention={self.attention!r})"
+
+
+def strip_gates(model: nn.Module, copy: bool = False) -> nn.Module:
+    """Replace every AttentionGate by the Conv it wraps (the model then holds only stock modules)."""
+    from copy import deepcopy
+
+    if not any(isinstance(m, AttentionGate) for m in model.modules()):
+        return model
+    out = deepcopy(model) if copy else model
+    for name, m in list(out.named_modules()):
+        if isinstance(m, AttentionGate):
+            _set(out, name, m.block)
+    return out
