@@ -89,49 +89,47 @@ def _initial_model(recipe: Recipe) -> str:
 
 
 def _measure(recipe: Recipe, records: list[dict], run_dir: Path, data: Path | None) -> list[dict]:
-    """AP, parameters, GFLOPs, latency of every stage artifact; cached per stage in ``metrics.json``."""
+    """AP (cached per artifact under ``metrics/``), parameters, GFLOPs and latency of every stage artifact."""
     try:
         ev = require("yolocomp.eval", "evaluation")
         bench_mod = require("yolocomp.eval.bench", "benchmarking")
     except NotBuiltError as e:
         print(f"[yolocomp run] measuring skipped — {e}", flush=True)
         return []
+    from tqdm import tqdm
+
     e_cfg, b_cfg = recipe.stage("eval"), recipe.stage("bench")
     rows = []
-    for record in records:
-        for label, path in record.get("artifacts", {}).items():
-            if not str(path).endswith((".pt", ".onnx", ".engine")) or not Path(path).exists():
-                continue
-            cache = run_dir / "metrics" / f"{record['stage']}_{label}.json"
-            if cache.exists():
-                rows.append(json.loads(cache.read_text()))
-                continue
-            row: dict[str, Any] = {"stage": f"{record['stage']}/{label}", "model": str(path)}
-            if data is not None:
-                result = ev.evaluate(
-                    str(path), str(data), imgsz=recipe.imgsz, device=recipe.device,
-                    conf=e_cfg["conf"], iou=e_cfg["iou"], max_det=e_cfg["max_det"], images=e_cfg["images"], batch=e_cfg["batch"],
-                )
-                row.update({k: result.get(k) for k in ("ap", "ap50", "ap75")})
-            timing = bench_mod.bench(
-                [str(path)], imgsz=recipe.imgsz, device=recipe.device, batch_sizes=tuple(b_cfg["batch_sizes"]),
-                runs=b_cfg["runs"], warmup=b_cfg["warmup"], threads=b_cfg["threads"],
+    todo = [
+        (record, label, path)
+        for record in records
+        for label, path in record.get("artifacts", {}).items()
+        if str(path).endswith((".pt", ".onnx", ".engine")) and Path(path).exists()
+    ]
+    for record, label, path in tqdm(todo, desc="evaluating stage models", unit="model"):
+        cache = run_dir / "metrics" / f"{record['stage']}_{label}.json"
+        if cache.exists():
+            rows.append(json.loads(cache.read_text()))
+            continue
+        row: dict[str, Any] = {"stage": f"{record['stage']}/{label}", "model": str(path)}
+        if data is not None:
+            result = ev.evaluate(
+                str(path), str(data), imgsz=recipe.imgsz, device=recipe.device, conf=e_cfg["conf"], iou=e_cfg["iou"],
+                max_det=e_cfg["max_det"], images=e_cfg["images"], batch=e_cfg["batch"], progress=False,
             )
-            model_stats = _first_model(timing)
-            row["params_m"] = (model_stats.get("params") or 0) / 1e6 or None
-            row["params"] = model_stats.get("params")
-            row["gflops"] = model_stats.get("gflops")
-            row["latency_ms"] = (model_stats.get("latency_ms") or {}).get("p50")
-            row["size_mb"] = model_stats.get("size_mb")
-            write_json(cache, row)
-            rows.append(row)
+            row.update({k: result.get(k) for k in ("ap", "ap50", "ap75")})
+        write_json(cache, row)
+        rows.append(row)
+    if rows:
+        # Every stage's model timed in one process, interleaved, so the latencies compare side by side.
+        timing = bench_mod.bench(
+            [r["model"] for r in rows], imgsz=recipe.imgsz, device=recipe.device, batch_sizes=tuple(b_cfg["batch_sizes"]),
+            runs=b_cfg["runs"], warmup=b_cfg["warmup"], threads=b_cfg["threads"],
+        )
+        for row, stats in zip(rows, timing["models"]):
+            row["params"] = stats.get("params")
+            row["params_m"] = stats["params"] / 1e6 if stats.get("params") else None
+            row["gflops"] = stats.get("gflops")
+            row["latency_ms"] = (stats.get("latency_ms") or {}).get("p50")
+            row["size_mb"] = stats.get("size_mb")
     return rows
-
-
-def _first_model(timing: dict) -> dict:
-    models = timing.get("models", timing)
-    if isinstance(models, list):
-        return models[0] if models else {}
-    if isinstance(models, dict) and models:
-        return next(iter(models.values()))
-    return {}

@@ -89,6 +89,7 @@ def stage_prune(recipe: Recipe, model: str, out: Path, data: Path | None, refere
         round_to=s["round_to"],
         ignore=tuple(s["ignore"]),
         evaluate=False,
+        latency=False,  # the run measures every stage's model itself
         **_train_overrides(s),
     )
     artifacts = {"pruned": str(out / "pruned.pt")}

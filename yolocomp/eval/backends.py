@@ -102,6 +102,9 @@ class OnnxRunner:
         options.log_severity_level = 3  # ORT warns about unused initializers in Q/DQ graphs; not the user's concern
         if threads:
             options.intra_op_num_threads = int(threads)
+        # ORT's worker threads spin after each run by default; interleaved with PyTorch models (bench --compare, the
+        # run report) that spinning steals the cores from the next model and inflates its latency many times over.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         want_cuda = str(device).lower().startswith("cuda") or str(device).isdigit()
         providers = ["CPUExecutionProvider"]
         if want_cuda and "CUDAExecutionProvider" in ort.get_available_providers():
