@@ -1,0 +1,245 @@
+"""Quantizer maths, BN folding, calibration, model conversion, and one QAT epoch through the Ultralytics trainer."""
+
+from __future__ import annotations
+
+import math
+from copy import deepcopy
+
+import pytest
+import torch
+from torch import nn
+
+from yolocomp.errors import UserError
+from yolocomp.quant.calibrate import calibrate, is_calibrated
+from yolocomp.quant.convert import quantize_model
+from yolocomp.quant.modules import QBottleneck, QConv, quant_convs, quantizers, set_quant_state
+from yolocomp.quant.observers import HistogramObserver, choose_range
+from yolocomp.quant.quantizer import Quantizer, qrange
+
+
+@pytest.fixture(scope="module")
+def lively() -> nn.Module:
+    return lively_detector()
+
+
+def lively_detector(nc: int = 3, seed: int = 0) -> nn.Module:
+    """YOLOv8n with random weights whose BN statistics come from data, so activations do not vanish."""
+    from yolocomp.integration import load_model
+
+    torch.manual_seed(seed)
+    model = load_model("yolov8n.yaml", nc=nc)
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        bn.reset_running_stats()
+        bn.momentum = None
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.rand(4, 3, 64, 64))
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        bn.momentum = 0.03
+    return model.eval()
+
+
+# --- quantizer maths --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits,signed", [(8, True), (8, False), (4, True), (4, False)])
+def test_round_trip_error_is_half_a_step_inside_the_range(bits, signed):
+    q = Quantizer(bits, signed=signed).eval()
+    q.scale.data.fill_(0.05)
+    q.initialized.fill_(1)
+    qn, qp = qrange(bits, signed)
+    x = torch.linspace(qn * 0.05, qp * 0.05, 1001)
+    err = (q(x) - x).abs()
+    assert err.max() <= 0.05 / 2 + 1e-6
+    outside = torch.tensor([qp * 0.05 + 1.0, qn * 0.05 - 1.0])
+    assert torch.allclose(q(outside), torch.tensor([qp * 0.05, qn * 0.05]))  # saturates at the grid ends
+
+
+def test_per_channel_scales_follow_each_channel():
+    w = torch.randn(4, 3, 3, 3) * torch.tensor([0.01, 0.1, 1.0, 10.0]).view(-1, 1, 1, 1)
+    q = Quantizer(8, channels=4).eval()
+    q.init_from_weight(w)
+    amax = w.reshape(4, -1).abs().amax(1)
+    assert torch.allclose(q.scale.data, amax / 127, rtol=1e-5)
+    err = (q(w) - w).abs().reshape(4, -1).amax(1)
+    assert torch.all(err <= q.scale.data / 2 + 1e-7)
+    assert err[0] < 1e-2 * err[3]  # a per-tensor scale would give the small channel the big channel's error
+
+
+def test_lsq_step_gradient_equals_the_paper_formula():
+    torch.manual_seed(0)
+    q = Quantizer(4, signed=True).train()
+    q.scale.data.fill_(0.3)
+    q.initialized.fill_(1)
+    x = torch.randn(5, 7) * 1.5
+    upstream = torch.randn(5, 7)
+    (q(x) * upstream).sum().backward()
+    s, (qn, qp) = 0.3, qrange(4, True)
+    v = x / s
+    dq_ds = torch.where(v <= qn, torch.full_like(v, qn), torch.where(v >= qp, torch.full_like(v, qp), v.round() - v))
+    g = 1 / math.sqrt(x.numel() * qp)
+    expected = (upstream * dq_ds).sum() * g
+    assert torch.allclose(q.scale.grad.reshape(()), expected, rtol=1e-5, atol=1e-7)
+    # straight-through estimator: gradient 1 inside the range, 0 where clipped
+    xg = x.clone().requires_grad_(True)
+    q(xg).sum().backward()
+    assert torch.equal(xg.grad, ((v > qn) & (v < qp)).float() + ((v == qn) | (v == qp)).float())
+
+
+def test_four_bit_values_take_at_most_16_levels():
+    w = torch.randn(8, 16, 3, 3)
+    qw = Quantizer(4, channels=8).eval()
+    qw.init_from_weight(w)
+    out = qw(w)
+    for c in range(8):
+        assert out[c].unique().numel() <= 16
+    qa = Quantizer(4, signed=False).eval()
+    qa._lazy_init(torch.rand(1000) * 3)
+    assert qa(torch.rand(10000) * 5).unique().numel() <= 16
+
+
+# --- calibration ------------------------------------------------------------------------------------------------------
+def test_calibrators_clip_outliers_and_minmax_does_not():
+    torch.manual_seed(0)
+    obs = HistogramObserver()
+    for _ in range(4):  # the histogram range grows across batches
+        x = torch.randn(20000) * (1 + _)
+        obs.update(x)
+    obs.update(torch.tensor([400.0]))  # one outlier
+    ranges = {m: choose_range(obs, m, levels=127) for m in ("minmax", "percentile", "entropy", "mse")}
+    assert ranges["minmax"] == pytest.approx(400.0)
+    for m in ("percentile", "entropy"):
+        assert 2.0 < ranges[m] < 50.0, (m, ranges)
+    # MSE keeps a range only while the outlier's clipping error outweighs the rounding error of everything else
+    assert 2.0 < ranges["mse"] <= ranges["minmax"]
+    assert obs.hist.sum() == pytest.approx(obs.count)
+
+
+def test_activation_sign_is_decided_by_data(lively):
+    model = deepcopy(lively)
+    quantize_model(model)
+    calibrate(model, [torch.rand(2, 3, 64, 64)], "percentile", progress=False)
+    first = model.model[0].act_quant
+    assert first.signed is False  # images are >= 0: unsigned 8-bit
+    assert model.model[1].act_quant.signed is True  # SiLU outputs go down to -0.28
+
+
+# --- BN folding -------------------------------------------------------------------------------------------------------
+def test_folded_bn_gives_the_same_float_output_as_conv_bn():
+    from ultralytics.nn.modules import Conv
+
+    torch.manual_seed(0)
+    ref = Conv(8, 16, 3, 1)
+    with torch.no_grad():
+        ref.bn.weight.uniform_(0.5, 2)
+        ref.bn.bias.normal_()
+        ref.bn.running_mean.normal_()
+        ref.bn.running_var.uniform_(0.5, 2)
+    work = deepcopy(ref)
+    q = QConv(work.conv, work.bn, work.act)
+    set_quant_state(q, enabled=False)
+    x = torch.randn(4, 8, 12, 12)
+    ref.eval(), q.eval()
+    assert torch.allclose(q(x), ref(x), atol=1e-5)
+    ref.train(), q.train()  # live BN: batch statistics normalise, running statistics update identically
+    assert torch.allclose(q(x), ref(x), atol=1e-4)
+    assert torch.allclose(q.bn.running_mean, ref.bn.running_mean, atol=1e-5)
+    assert torch.allclose(q.bn.running_var, ref.bn.running_var, atol=1e-5)
+    q.bn_frozen = True  # frozen BN: the deployed folded conv, running statistics untouched
+    before = q.bn.running_mean.clone()
+    ref.eval()
+    assert torch.allclose(q(x), ref(x), atol=1e-5)
+    assert torch.equal(q.bn.running_mean, before)
+
+
+def test_quantized_weights_are_the_folded_ones():
+    from ultralytics.nn.modules import Conv
+
+    conv = Conv(4, 6, 1)
+    with torch.no_grad():
+        conv.bn.weight.uniform_(0.1, 3)
+    q = QConv(conv.conv, conv.bn, conv.act).eval()
+    w, _ = q.folded()
+    q.weight_quant.init_from_weight(w)
+    assert torch.allclose(q.weight_quant.scale.data, w.reshape(6, -1).abs().amax(1) / 127)
+
+
+# --- conversion -------------------------------------------------------------------------------------------------------
+def test_full_quantization_covers_first_layer_and_head_but_not_dfl(lively):
+    model = deepcopy(lively)
+    info = quantize_model(model)
+    assert not is_calibrated(model)  # conversion (and its tracing pass) must leave step sizes to calibration
+    names = [q.name for q in quant_convs(model)]
+    assert "model.0" in names
+    head = [n for n in names if n.startswith("model.22.")]
+    assert {f"model.22.cv{b}.{i}.2" for b in (2, 3) for i in range(3)} <= set(head)  # final box/class convs
+    assert isinstance(model.model[-1].dfl.conv, nn.Conv2d) and not isinstance(model.model[-1].dfl, QConv)
+    plain = [n for n, m in model.named_modules() if type(m) is nn.Conv2d and not any(
+        n.startswith(q + ".") for q in names)]
+    assert plain == ["model.22.dfl.conv"]
+    assert len(info["quantized"]) == len(names) and info["excluded"] == []
+    assert any(isinstance(m, QBottleneck) for m in model.modules())
+    # shared quantizers: Detect's box and class branches of one level see the same tensor -> one scale
+    det = model.model[-1]
+    assert det.cv2[0][0].act_quant is det.cv3[0][0].act_quant
+    assert len(quantizers(model)) < 2 * len(names)
+    assert quantize_model(model)["changed"] is False  # idempotent
+
+
+def test_exclusions_by_index_and_name_are_listed(lively):
+    model = deepcopy(lively)
+    info = quantize_model(model, exclude=[0, "model.22.cv3.*.2"])
+    assert "model.0" in info["excluded"] and "model.22.cv3.1.2" in info["excluded"]
+    assert "model.0" not in [q.name for q in quant_convs(model)]
+    with pytest.raises(UserError, match="matches no conv"):
+        quantize_model(deepcopy(lively), exclude=["model.99"])
+
+
+def test_quantized_model_stays_close_to_float(lively):
+    model = deepcopy(lively)
+    ref = deepcopy(model)
+    quantize_model(model)
+    x = torch.rand(2, 3, 64, 64)
+    calibrate(model, [x], "percentile", progress=False)
+    y, r = model(x)[0], ref(x)[0]
+    rel = (y[:, :4] - r[:, :4]).norm() / r[:, :4].norm()
+    assert 0 < rel < 0.3  # random weights are far more fragile than trained ones
+
+
+# --- QAT through the Ultralytics trainer ------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_one_qat_epoch_on_synthetic_data(synthetic_data, tmp_path, lively):
+    from yolocomp.integration import load_model, train
+    from yolocomp.quant.qat import QuantizationAwareTraining
+
+    model = deepcopy(lively)
+    method = QuantizationAwareTraining(bits=8, freeze_bn_epoch=1, calib_batches=2)
+    result = train(model, str(synthetic_data), [method], project=tmp_path, name="qat", epochs=1, imgsz=64, batch=8)
+    trained = result.model
+    convs = quant_convs(trained)
+    assert len(convs) == 63 and all(c.bn_frozen for c in convs if c.bn is not None)
+    assert all(q.initialized.item() == 1 for q in quantizers(trained))
+    # calibrated on the training images (0-1): the input quantizer's step is about 1/255
+    assert trained.model[0].act_quant.signed is False
+    assert 0.5 / 255 < trained.model[0].act_quant.scale.abs().item() < 2 / 255
+    reloaded = load_model(result.last)
+    assert len(quant_convs(reloaded)) == 63
+    x = torch.rand(1, 3, 64, 64)
+    out = reloaded.float().eval()(x)[0]
+    assert out.shape == (1, 4 + 3, 84) and torch.isfinite(out).all()
+    assert (result.save_dir / "results.csv").exists()
+
+
+@pytest.mark.slow
+def test_qat_api_with_teacher_writes_checkpoint_and_report(synthetic_data, tmp_path, lively):
+    from yolocomp.integration import load_model
+    from yolocomp.quant.api import qat
+
+    report = qat(deepcopy(lively), synthetic_data, tmp_path, bits=8, epochs=1, imgsz=64, batch=8, teacher=lively,
+                 evaluate_float=False, calibrator="minmax")
+    assert "HeadKD" in report["teacher"] and report["excluded"] == []
+    assert (tmp_path / "qat.pt").exists() and (tmp_path / "report.json").exists()
+    assert len(quant_convs(load_model(tmp_path / "qat.pt"))) == 63
+    cols = (tmp_path / "train" / "results.csv").read_text().splitlines()[0]
+    assert "kdcls_loss" in cols  # the teacher's loss trained alongside the quantized student
+    with pytest.raises(UserError, match="bits"):
+        qat(deepcopy(lively), synthetic_data, tmp_path / "bad", bits=6)

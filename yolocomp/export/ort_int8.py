@@ -1,0 +1,65 @@
+"""INT8 ONNX tuned for ONNX Runtime on x86 CPUs without VNNI.
+
+ONNX Runtime is fast there only when every conv runs as QLinearConv with *unsigned* 8-bit activations and the SiLU in
+between stays integer too (QLinearSigmoid + QLinearMul); that needs asymmetric uint8 activations (SiLU outputs go
+below zero) and Q/DQ around every op, which TensorRT's symmetric placement (``onnx_qdq.export_onnx``) does not give.
+This flavour therefore uses ONNX Runtime's own static quantizer on the simplified float export, with our calibration
+images; the Detect decode (DFL softmax, box arithmetic) stays float.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from yolocomp.errors import UserError
+from yolocomp.export.onnx_qdq import export_onnx, is_quantized
+
+_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy", "mse": "Distribution"}
+
+
+class _Reader:
+    """ONNX Runtime CalibrationDataReader over our letterboxed batches (one image per call: the graph is batch 1)."""
+
+    def __init__(self, batches: Iterable[torch.Tensor]):
+        self.items = iter([{"images": x[i : i + 1].numpy().astype(np.float32)} for x in batches for i in range(len(x))])
+
+    def get_next(self) -> dict | None:
+        return next(self.items, None)
+
+
+def decode_nodes(model: onnx.ModelProto) -> list[str]:
+    """Detect's post-processing nodes (everything in the head except its box/class conv branches)."""
+    head = max((n.name.split("/")[2] for n in model.graph.node if n.name.startswith("/model/model.")),
+               key=lambda s: int(s.split(".")[-1]) if s.split(".")[-1].isdigit() else -1, default=None)
+    if head is None:
+        return []
+    prefix = f"/model/{head}/"
+    return [n.name for n in model.graph.node
+            if n.name.startswith(prefix) and not n.name.startswith((prefix + "cv2", prefix + "cv3"))]
+
+
+def export_ort_int8(model: nn.Module, path: str | Path, batches: Iterable[torch.Tensor], imgsz: int = 640,
+                    calibrator: str = "percentile") -> Path:
+    """Float ``model`` -> uint8-activation / int8 per-channel-weight QDQ ONNX for ONNX Runtime CPU."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if is_quantized(model):
+        raise UserError("export_ort_int8 needs the float model (it calibrates its own asymmetric ranges)")
+    if calibrator not in _METHODS:
+        raise UserError(f"calibrator {calibrator!r}: choose one of {', '.join(_METHODS)}")
+    path = Path(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        float_path = export_onnx(model, Path(tmp) / "float.onnx", imgsz=imgsz)
+        exclude = decode_nodes(onnx.load(str(float_path)))
+        quantize_static(str(float_path), str(path), _Reader(batches), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+                        calibrate_method=getattr(CalibrationMethod, _METHODS[calibrator]),
+                        nodes_to_exclude=exclude, extra_options={"CalibMovingAverage": False})
+    return path

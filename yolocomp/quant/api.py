@@ -1,0 +1,179 @@
+"""What the CLI calls: ``qat()`` and ``ptq()``. Each writes its artifacts and a report.json under ``out``."""
+
+from __future__ import annotations
+
+import time
+from copy import deepcopy
+from pathlib import Path
+from typing import Any
+
+from yolocomp.errors import UserError
+from yolocomp.quant.calibrate import calibrate, calibration_images, image_batches
+from yolocomp.quant.convert import quantize_model
+from yolocomp.quant.observers import CALIBRATORS
+
+
+def onnx_name(weight_bits: int, act_bits: int) -> str:
+    """model_int8.onnx for W8A8, else model_w{W}a{A}.onnx."""
+    return "model_int8.onnx" if (weight_bits, act_bits) == (8, 8) else f"model_w{weight_bits}a{act_bits}.onnx"
+
+
+def _check_bits(*bits: int | None) -> None:
+    for b in bits:
+        if b is not None and b not in (4, 8):
+            raise UserError(f"--bits {b} is not supported; use 8 or 4")
+
+
+def _write_report(out: Path, report: dict) -> Path:
+    from yolocomp.report import write_report
+
+    rows = [{"model": k, **v} for k, v in report.items() if k.startswith("ap_") and isinstance(v, dict)]
+    return write_report(out, report, report.get("title", "quantization"), rows)[0]
+
+
+def _model_name(model: Any) -> str:
+    return str(getattr(model, "pt_path", None) or ("<in-memory model>" if hasattr(model, "parameters") else model))
+
+
+def _metrics(result: dict) -> dict:
+    return {k: result.get(k) for k in ("ap", "ap50", "ap75", "backend", "images")}
+
+
+def _export_and_check(model: Any, out: Path, name: str, data: Path, imgsz: int, device: str,
+                      eval_images: int | None) -> dict:
+    from yolocomp.eval import evaluate
+    from yolocomp.export.lint import lint_qdq
+    from yolocomp.export.onnx_qdq import export_onnx
+    from yolocomp.export.ort_check import integer_ops
+
+    info: dict = {}
+    path = export_onnx(model, out / name, imgsz=imgsz, info=info)
+    findings = lint_qdq(path)
+    return {
+        "onnx": str(path),
+        "export": info,
+        "lint": [str(f) for f in findings],
+        "ort_integer_ops": integer_ops(path),
+        "ap_onnx": _metrics(evaluate(str(path), data, imgsz=imgsz, images=eval_images)),
+    }
+
+
+def ptq(model: Any, data: str | Path, out: str | Path, calibrator: str = "percentile", images: int = 256,
+        imgsz: int = 640, bits: int = 8, sensitivity: bool = False, device: str = "cpu",
+        weight_bits: int | None = None, act_bits: int | None = None, exclude: tuple = (),
+        layer_bits: dict | None = None, eval_images: int | None = None, evaluate_float: bool = True,
+        batch: int = 8, sensitivity_images: int = 8, ort: bool = False) -> dict:
+    """Post-training quantization: calibrate on ``images`` train images with ``calibrator``, export
+    ``out/model_int8.onnx`` (Q/DQ), evaluate it, write ``out/report.json`` (with a sensitivity table and a suggested
+    mixed-precision plan when ``sensitivity``). ``ort=True`` also writes ``out/model_int8_ort.onnx``: the flavour
+    ONNX Runtime runs fast on x86 CPUs (uint8 asymmetric activations, integer SiLU; not for TensorRT)."""
+    from yolocomp.eval import evaluate
+    from yolocomp.integration import load_model, resolve_data
+
+    if calibrator not in CALIBRATORS:
+        raise UserError(f"--calibrator {calibrator!r} is unknown; choose one of {', '.join(CALIBRATORS)}")
+    _check_bits(bits, weight_bits, act_bits)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    data_abs = resolve_data(data, out)
+    float_model = load_model(model).float().eval()
+    t0 = time.time()
+    report: dict = {"title": f"PTQ ({calibrator})", "model": _model_name(model), "data": str(data), "calibrator": calibrator,
+                    "imgsz": imgsz}
+    if evaluate_float:
+        report["ap_float"] = _metrics(evaluate(float_model, data_abs, imgsz=imgsz, images=eval_images))
+    qmodel = deepcopy(float_model)  # the caller's model (or our float reference) stays untouched
+    wb, ab = weight_bits or bits, act_bits or bits
+    info = quantize_model(qmodel, wb, ab, exclude=exclude, layer_bits=layer_bits)
+    paths = calibration_images(data_abs, images)
+    seen = calibrate(qmodel, image_batches(paths, imgsz, batch), calibrator, device=device)
+    report.update(weight_bits=wb, act_bits=ab, calibration_images=seen, quantized_layers=len(info["quantized"]),
+                  excluded=info["excluded"])
+    if sensitivity:
+        from yolocomp.quant.sensitivity import layer_sensitivity, mixed_precision_plan
+
+        probe = list(image_batches(paths[: max(1, min(sensitivity_images, len(paths)))], imgsz, batch))
+        rows = layer_sensitivity(qmodel, probe)
+        report["sensitivity"] = rows
+        report["mixed_precision_plan"] = mixed_precision_plan(rows, min(wb, ab))
+    report.update(_export_and_check(qmodel, out, onnx_name(wb, ab), data_abs, imgsz, device, eval_images))
+    if evaluate_float:
+        report["ap_drop"] = round(report["ap_float"]["ap"] - report["ap_onnx"]["ap"], 4)
+    if ort:
+        from yolocomp.eval import evaluate as _evaluate
+        from yolocomp.export.ort_check import integer_ops
+        from yolocomp.export.ort_int8 import export_ort_int8
+
+        path = export_ort_int8(float_model, out / "model_int8_ort.onnx", image_batches(paths, imgsz, batch), imgsz,
+                               calibrator)
+        report["ort_flavour"] = {"onnx": str(path), "ort_integer_ops": integer_ops(path),
+                                 "ap_onnx": _metrics(_evaluate(str(path), data_abs, imgsz=imgsz, images=eval_images))}
+    report["seconds"] = round(time.time() - t0, 1)
+    _write_report(out, report)
+    return report
+
+
+def qat(model: Any, data: str | Path, out: str | Path, bits: int = 8, epochs: int = 1, imgsz: int = 640,
+        batch: int = 16, fraction: float = 1.0, device: str = "cpu", export: bool = False, exclude: tuple = (),
+        weight_bits: int | None = None, act_bits: int | None = None, freeze_bn_epoch: int = 2, teacher: Any = None,
+        resume: str | Path | None = None, calibrator: str = "percentile", layer_bits: dict | None = None,
+        eval_images: int | None = None, evaluate_float: bool = True, **train_overrides: Any) -> dict:
+    """Quantization-aware training of the whole detector; writes ``out/qat.pt`` (loadable by
+    ``yolocomp.integration.load_model``; needs yolocomp importable, it holds quantizer modules), with ``export`` the
+    Q/DQ ONNX, and ``out/report.json`` (AP before/after, exclusions).
+
+    ``teacher``: a checkpoint path / DetectionModel (head-output distillation, :class:`yolocomp.distill.HeadKD`) or
+    any distillation :class:`~yolocomp.methods.Method`. ``freeze_bn_epoch=0`` freezes BN statistics from the start
+    (best for very short runs). ``train_overrides`` go to Ultralytics' trainer (lr0, optimizer, warmup_epochs...)."""
+    from yolocomp.eval import evaluate
+    from yolocomp.integration import load_model, resolve_data, save_model, train
+    from yolocomp.quant.qat import QuantizationAwareTraining
+
+    _check_bits(bits, weight_bits, act_bits)
+    if epochs < 1:
+        raise UserError(f"--epochs {epochs}: QAT needs at least 1 epoch")
+    if calibrator not in CALIBRATORS:
+        raise UserError(f"--calibrator {calibrator!r} is unknown; choose one of {', '.join(CALIBRATORS)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    data_abs = resolve_data(data, out)
+    wb, ab = weight_bits or bits, act_bits or bits
+    t0 = time.time()
+    report: dict = {"title": f"QAT W{wb}A{ab}", "model": _model_name(model), "data": str(data), "imgsz": imgsz,
+                    "epochs": epochs, "weight_bits": wb, "act_bits": ab}
+    method = QuantizationAwareTraining(bits, weight_bits=wb, act_bits=ab, exclude=exclude, layer_bits=layer_bits,
+                                       calibrator=calibrator, freeze_bn_epoch=freeze_bn_epoch)
+    methods: list = [method]
+    if teacher is not None:  # distillation from a float teacher during QAT (head-output KD unless a Method is given)
+        from yolocomp.methods import Method
+
+        if isinstance(teacher, Method):
+            methods.append(teacher)
+        else:
+            from yolocomp.distill.head_kd import HeadKD
+
+            methods.append(HeadKD(teacher))
+        report["teacher"] = repr(methods[-1])
+    m = None
+    if resume is None:
+        m = deepcopy(load_model(model)).float()
+        if evaluate_float:
+            report["ap_float"] = _metrics(evaluate(m, data_abs, imgsz=imgsz, images=eval_images))
+        method.prepare(m)  # so exclusions are validated before training starts
+    result = train(m, str(data_abs), methods, project=out, name="train", resume=resume, epochs=epochs, imgsz=imgsz,
+                   batch=batch, fraction=fraction, device=device, **train_overrides)
+    qmodel = result.model.float().eval()
+    method.prepare(qmodel)  # idempotent: fills the summary on resume
+    ckpt = save_model(qmodel, out / "qat.pt", extra={"quant": {"weight_bits": wb, "act_bits": ab,
+                                                               "excluded": method.summary.get("excluded", [])}})
+    report.update(qat_pt=str(ckpt), train_dir=str(result.save_dir), quantized_layers=len(method.summary["quantized"]),
+                  excluded=method.summary["excluded"])
+    report["ap_fake_quant"] = _metrics(evaluate(qmodel, data_abs, imgsz=imgsz, images=eval_images))
+    if export:
+        report.update(_export_and_check(qmodel, out, onnx_name(wb, ab), data_abs, imgsz, device, eval_images))
+    if "ap_float" in report:
+        final = report.get("ap_onnx", report["ap_fake_quant"])
+        report["ap_drop"] = round(report["ap_float"]["ap"] - final["ap"], 4)
+    report["seconds"] = round(time.time() - t0, 1)
+    _write_report(out, report)
+    return report

@@ -1,0 +1,94 @@
+"""Calibration: run images through a quantized model with observers on, then set every step size."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+from tqdm import tqdm
+
+from yolocomp.errors import UserError
+from yolocomp.quant.modules import quant_convs, quantizers
+from yolocomp.quant.observers import CALIBRATORS
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+def calibration_images(data: str | Path, images: int = 256, split: str = "train") -> list[Path]:
+    """Up to ``images`` image paths of a split of an Ultralytics data yaml (train by default: calibrating on the
+    val images would leak them into the numbers measured on val). Falls back to val when there is no train split."""
+    from yolocomp.integration import resolve_data
+
+    if images < 1:
+        raise UserError(f"--images {images}: calibration needs at least 1 image (256 is the usual choice)")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = yaml.safe_load(resolve_data(data, tmp).read_text())
+    root = Path(cfg["path"])
+    entry = cfg.get(split) or cfg.get("val")
+    files: list[Path] = []
+    for e in entry if isinstance(entry, list) else [entry]:
+        p = Path(e) if Path(e).is_absolute() else root / e
+        if p.is_dir():
+            files += [f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES]
+        elif p.is_file():
+            for line in filter(None, (x.strip() for x in p.read_text().splitlines())):
+                files.append(p.parent / line[2:] if line.startswith("./") else (root / line))
+    files = sorted(files)
+    if not files:
+        raise UserError(f"no images found for split '{split}' of {data}; check the yaml's paths")
+    # spread the subset over the whole split (sorted lists are often grouped by source)
+    idx = np.linspace(0, len(files) - 1, min(images, len(files))).round().astype(int)
+    return [files[i] for i in sorted(set(idx.tolist()))]
+
+
+def image_batches(paths: list[Path], imgsz: int, batch: int = 8) -> Iterator[torch.Tensor]:
+    """Letterboxed (N, 3, imgsz, imgsz) float batches in [0, 1], the same preprocessing as evaluation."""
+    from yolocomp.eval.preprocess import batches
+
+    for b in batches(paths, imgsz, batch):
+        yield torch.from_numpy(b.array)
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], method: str = "percentile",
+              device: str | torch.device = "cpu", progress: bool = True, **kwargs: float) -> int:
+    """Observe activations over ``batches`` and set every activation step size with ``method``; weight step sizes
+    come from the (BN-folded) weights. The model runs in eval mode, so BN statistics are untouched. Returns the
+    number of images seen."""
+    if method not in CALIBRATORS + ("ema",):
+        raise UserError(f"unknown calibrator {method!r}; choose one of {', '.join(CALIBRATORS)}")
+    acts = [q for q in quantizers(model) if q.channels is None]
+    for q in acts:
+        q.start_observing()
+    was_training = model.training
+    model.eval()
+    seen = 0
+    try:
+        for x in tqdm(batches, desc=f"calibrate ({method})", disable=not progress, leave=False):
+            model(x.to(device).float())
+            seen += x.shape[0]
+    finally:
+        model.train(was_training)
+    if seen == 0:
+        raise UserError("calibration saw no images; check the data yaml")
+    for q in acts:
+        q.finish_observing(method, **kwargs)
+    init_weight_scales(model)
+    return seen
+
+
+@torch.no_grad()
+def init_weight_scales(model: nn.Module) -> None:
+    """Per-channel weight step sizes from each conv's BN-folded weight."""
+    for conv in quant_convs(model):
+        conv.weight_quant.init_from_weight(conv.folded()[0])
+
+
+def is_calibrated(model: nn.Module) -> bool:
+    return all(q.initialized.item() > 0.5 for q in quantizers(model))

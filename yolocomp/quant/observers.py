@@ -1,0 +1,130 @@
+"""Range observers and calibrators.
+
+Activations: a histogram of ``|x|`` whose range doubles (merging bins) when a larger value arrives, so any number of
+batches fits in a fixed memory; the clipping threshold is then chosen by min-max, percentile, entropy (KL divergence,
+TensorRT's calibrator) or MSE. Weights: per-output-channel max-abs, or an MSE-optimal clip per channel (for 4 bits).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+CALIBRATORS = ("minmax", "percentile", "entropy", "mse")
+
+
+class HistogramObserver:
+    """Histogram of absolute values with a range that grows by powers of two."""
+
+    def __init__(self, bins: int = 2048):
+        self.bins = bins
+        self.hist = np.zeros(bins, dtype=np.float64)
+        self.upper = 0.0  # histogram covers [0, upper]
+        self.max_value = 0.0
+        self.min_value = math.inf
+        self.count = 0
+        self.ema_max: float | None = None  # EMA of per-batch max |x| (the "EMA observer")
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().float()
+        self.min_value = min(self.min_value, x.min().item())
+        a = x.abs().flatten()
+        batch_max = a.max().item()
+        self.max_value = max(self.max_value, batch_max)
+        self.ema_max = batch_max if self.ema_max is None else 0.9 * self.ema_max + 0.1 * batch_max
+        self.count += a.numel()
+        if batch_max <= 0:
+            self.hist[0] += a.numel()
+            return
+        if self.upper == 0.0:
+            self.upper = batch_max
+        elif batch_max > self.upper:
+            factor = 2 ** math.ceil(math.log2(batch_max / self.upper))
+            merged = self.hist.reshape(-1, factor).sum(1) if factor <= self.bins else self.hist.sum(keepdims=True)
+            self.hist = np.zeros(self.bins)
+            self.hist[: merged.size] = merged
+            self.upper *= factor
+        self.hist += torch.histc(a, bins=self.bins, min=0.0, max=self.upper).double().cpu().numpy()
+
+    @property
+    def edges(self) -> np.ndarray:
+        return np.linspace(0.0, self.upper, self.bins + 1)
+
+
+def choose_range(obs: HistogramObserver, method: str, levels: int = 127, percentile: float = 99.99) -> float:
+    """Clipping threshold (>= 0) for ``|x|`` from a histogram, by the named calibration method."""
+    if method not in (*CALIBRATORS, "ema"):
+        raise ValueError(f"unknown calibrator {method!r}; choose one of {', '.join(CALIBRATORS)}")
+    if obs.max_value <= 0:
+        return 0.0
+    if method == "minmax":
+        return obs.max_value
+    if method == "ema":
+        return float(obs.ema_max or obs.max_value)
+    if method == "percentile":
+        cdf = np.cumsum(obs.hist) / obs.hist.sum()
+        idx = int(np.searchsorted(cdf, percentile / 100.0))
+        return float(min(obs.edges[min(idx + 1, obs.bins)], obs.max_value))
+    if method == "entropy":
+        return _kl_threshold(obs, levels)
+    return _mse_threshold(obs, levels)
+
+
+def _kl_threshold(obs: HistogramObserver, levels: int) -> float:
+    """TensorRT's entropy calibration: the clip minimising KL(P || Q) between the clipped reference distribution P and
+    its ``levels``-bin quantized version Q."""
+    hist = obs.hist.copy()
+    hist[0] = 0.0  # exact zeros (padding, ReLU) dominate and say nothing about the range
+    nz = np.nonzero(hist)[0]
+    if nz.size == 0:
+        return obs.max_value
+    last = int(nz[-1]) + 1
+    best, best_i = math.inf, last
+    start = min(levels, last)
+    for i in range(start, last + 1, max(1, (last - start) // 256)):
+        p = hist[:i].copy()
+        p[i - 1] += hist[i:].sum()
+        # quantize the first i bins into `levels` groups, spreading each group's mass over its non-empty bins
+        ref = hist[:i]
+        group = (np.arange(i) * levels) // i
+        mass = np.bincount(group, weights=ref, minlength=levels)
+        filled = np.bincount(group, weights=(ref > 0).astype(np.float64), minlength=levels)
+        q = np.where(ref > 0, (mass / np.maximum(filled, 1))[group], 0.0)
+        ps, qs = p.sum(), q.sum()
+        if qs == 0:
+            continue
+        p, q = p / ps, q / qs
+        mask = p > 0
+        q_safe = np.where(q > 0, q, 1e-12)
+        kl = float(np.sum(p[mask] * np.log(p[mask] / q_safe[mask])))
+        if kl < best:
+            best, best_i = kl, i
+    return float(obs.edges[best_i])
+
+
+def _mse_threshold(obs: HistogramObserver, levels: int, candidates: int = 200) -> float:
+    """The clip minimising the expected squared quantization error over the histogram (bin centres as values)."""
+    centers = (obs.edges[:-1] + obs.edges[1:]) / 2
+    weights = obs.hist
+    clips = np.linspace(obs.max_value / candidates, obs.max_value, candidates)
+    steps = clips / levels
+    q = np.clip(np.round(centers[None, :] / steps[:, None]), 0, levels) * steps[:, None]
+    err = ((q - centers[None, :]) ** 2 * weights[None, :]).sum(1)
+    return float(clips[int(np.argmin(err))])
+
+
+def weight_scales(w: torch.Tensor, qp: int, mse: bool = False, candidates: int = 100) -> torch.Tensor:
+    """Per-output-channel step sizes for weight ``w`` (C_out, ...): max|w|/Qp, or the MSE-optimal clip when ``mse``."""
+    flat = w.reshape(w.shape[0], -1).float()
+    amax = flat.abs().amax(1).clamp_min(1e-8)
+    if not mse:
+        return amax / qp
+    ratios = torch.linspace(0.3, 1.0, candidates, device=w.device)
+    steps = amax[None, :] * ratios[:, None] / qp  # (K, C)
+    qn = -qp - 1
+    q = torch.clamp(torch.round(flat[None] / steps[..., None]), qn, qp) * steps[..., None]
+    err = ((q - flat[None]) ** 2).sum(-1)  # (K, C)
+    best = err.argmin(0)
+    return steps.gather(0, best[None]).squeeze(0)

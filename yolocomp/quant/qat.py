@@ -1,0 +1,101 @@
+"""Quantization-aware training as a :class:`yolocomp.methods.Method` (FQN + AQD style, whole detector quantized).
+
+* ``prepare`` swaps every conv (first layer and Detect's final box/class convs included) for a :class:`QConv` with
+  BN folded into the quantized weight; idempotent (a resumed checkpoint already holds QConvs).
+* ``attach`` calibrates the step sizes on the first training batches (percentile by default: FQN's robust ranges)
+  unless they are already set, then rebuilds the EMA so it starts from the calibrated model.
+* training learns every step size with LSQ (AQD: all quantizers learned, head included);
+* ``on_epoch_end`` freezes BN statistics after ``freeze_bn_epoch`` epochs (FQN): the folded weights then use fixed
+  running statistics, exactly what is deployed. ``freeze_bn_epoch=0`` freezes them from the start (short runs).
+
+AQD's multi-level BN exists because RetinaNet/FCOS share one head across pyramid levels, so one BN would see the
+statistics of all levels. YOLOv8's Detect has separate convs (and BNs) per level (``cv2[i]``, ``cv3[i]``), i.e. it is
+already "multi-level BN": each level's BN is folded into that level's quantized conv.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from torch import nn
+
+from yolocomp.methods import Method
+from yolocomp.quant.calibrate import calibrate, is_calibrated
+from yolocomp.quant.convert import quantize_model
+from yolocomp.quant.modules import quant_convs, quantizers
+
+
+class QuantizationAwareTraining(Method):
+    name = "qat"
+
+    def __init__(self, bits: int = 8, weight_bits: int | None = None, act_bits: int | None = None,
+                 exclude: Iterable[str | int] = (), layer_bits: Mapping[str, int | tuple[int, int]] | None = None,
+                 calibrator: str = "percentile", calib_batches: int = 8, freeze_bn_epoch: int = 2,
+                 learn: bool = True, share: bool = True):
+        self.weight_bits = int(weight_bits or bits)
+        self.act_bits = int(act_bits or bits)
+        self.exclude = list(exclude)
+        self.layer_bits = dict(layer_bits or {})
+        self.calibrator = calibrator
+        self.calib_batches = calib_batches
+        self.freeze_bn_epoch = freeze_bn_epoch
+        self.learn = learn
+        self.share = share
+        self.summary: dict = {}
+
+    def __repr__(self) -> str:
+        return f"QuantizationAwareTraining(W{self.weight_bits}A{self.act_bits}, exclude={self.exclude})"
+
+    def prepare(self, model: nn.Module) -> bool:
+        info = quantize_model(model, self.weight_bits, self.act_bits, self.exclude, self.layer_bits, self.share)
+        if not self.learn:
+            for q in quantizers(model):
+                q.learn = False
+                q.scale.requires_grad_(False)
+        self.summary = {"quantized": info["quantized"], "excluded": info["excluded"]}
+        return bool(info["changed"])
+
+    def attach(self, trainer: Any) -> None:
+        from yolocomp.integration.ultralytics import unwrap
+
+        model = unwrap(trainer.model)
+        if self.freeze_bn_epoch <= 0:
+            freeze_bn(model)  # FQN with frozen BN from the start: the right choice for very short fine-tunes
+        if is_calibrated(model):
+            return
+        device = next(model.parameters()).device
+        calibrate(model, _train_images(trainer, self.calib_batches), self.calibrator, device=device)
+        if getattr(trainer, "ema", None) is not None:
+            from ultralytics.utils.torch_utils import ModelEMA
+
+            trainer.ema = ModelEMA(trainer.model)  # the old EMA copy predates calibration
+
+    def on_epoch_end(self, trainer: Any) -> None:
+        if trainer.epoch + 1 >= self.freeze_bn_epoch:
+            from yolocomp.integration.ultralytics import unwrap
+
+            freeze_bn(unwrap(trainer.model))
+            if getattr(trainer, "ema", None) is not None:
+                freeze_bn(trainer.ema.ema)
+
+
+def freeze_bn(model: nn.Module) -> int:
+    """Stop BN statistics updates in every QConv (FQN); returns how many were newly frozen."""
+    n = 0
+    for conv in quant_convs(model):
+        if conv.bn is not None and not conv.bn_frozen:
+            conv.bn_frozen = True
+            n += 1
+    return n
+
+
+def _train_images(trainer: Any, batches: int):
+    for i, batch in enumerate(trainer.train_loader):
+        if i >= batches:
+            return
+        batch = trainer.preprocess_batch(batch)
+        yield batch["img"].float()
+
+
+__all__ = ["QuantizationAwareTraining", "freeze_bn"]

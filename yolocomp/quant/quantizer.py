@@ -1,0 +1,180 @@
+"""Fake quantizers: symmetric, zero-point 0, 4 or 8 bits, per-tensor (activations) or per-output-channel (weights).
+
+Training uses LSQ (Esser et al., "Learned Step Size Quantization"): the step size ``s`` is a parameter, the rounding
+passes gradients straight through, and the gradient of ``s`` is scaled by ``g = 1 / sqrt(N * Qp)``. Evaluation and
+export use ``torch.fake_quantize_per_*_affine``, the same maths, which the TorchScript ONNX exporter turns into
+QuantizeLinear / DequantizeLinear pairs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from yolocomp.quant.observers import HistogramObserver, choose_range, weight_scales
+
+
+def qrange(bits: int, signed: bool) -> tuple[int, int]:
+    """Integer range (Qn, Qp) of a symmetric quantizer, e.g. 8-bit signed -> (-128, 127), 4-bit unsigned -> (0, 15)."""
+    if bits not in (2, 3, 4, 5, 6, 7, 8):
+        raise ValueError(f"bits={bits} is not supported; use 4 or 8")
+    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+
+
+def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
+    """Identity in the forward pass, gradient multiplied by ``g`` in the backward pass."""
+    return (x - x * g).detach() + x * g
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round with a straight-through gradient."""
+    return (x.round() - x).detach() + x
+
+
+def lsq_quantize(x: torch.Tensor, step: torch.Tensor, qn: int, qp: int, g: float) -> torch.Tensor:
+    """LSQ fake quantization: ``round(clamp(x / s, Qn, Qp)) * s`` with the paper's step-size gradient scale ``g``."""
+    s = grad_scale(step, g)
+    return round_ste(torch.clamp(x / s, qn, qp)) * s
+
+
+class Quantizer(nn.Module):
+    """One fake quantizer with a learned step size (LSQ), initialised from calibration.
+
+    ``channels=None``: per-tensor (activations); ``channels=C``: per-channel along axis 0 (weights). ``signed=None``
+    decides the sign at calibration: unsigned when every observed value is >= 0 (images, ReLU outputs), else signed.
+
+    Modes: ``enabled=False`` passes values through; ``observing=True`` passes through and records statistics for
+    calibration; ``learn=False`` keeps the step size fixed (plain observer quantization); ``export=True`` uses the
+    ONNX-exportable torch fake-quant ops.
+    """
+
+    def __init__(self, bits: int = 8, channels: int | None = None, signed: bool | None = True, learn: bool = True):
+        super().__init__()
+        self.bits = int(bits)
+        self.channels = channels
+        self.signed = signed
+        self.learn = learn
+        self.scale = nn.Parameter(torch.ones(channels or 1), requires_grad=learn)
+        # float (not bool) so Ultralytics' ModelEMA keeps it consistent; > 0.5 means initialised
+        self.register_buffer("initialized", torch.zeros(()))
+        self.enabled = True
+        self.observing = False
+        self.export = False
+        self.observer: HistogramObserver | None = None
+
+    # --- pickling: the observer is calibration-time state only ------------------------------------------------------
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["observer"] = None
+        return state
+
+    @property
+    def is_signed(self) -> bool:
+        return True if self.signed is None else bool(self.signed)
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        return qrange(self.bits, self.is_signed)
+
+    def extra_repr(self) -> str:
+        kind = f"per-channel({self.channels})" if self.channels else "per-tensor"
+        sign = "auto" if self.signed is None else ("signed" if self.signed else "unsigned")
+        return f"bits={self.bits}, {kind}, {sign}, learn={self.learn}, enabled={self.enabled}"
+
+    def step(self) -> torch.Tensor:
+        """Positive step size(s), shaped to broadcast against the input."""
+        s = self.scale.abs().clamp_min(1e-8)
+        return s.view(-1, *([1] * 3)) if self.channels else s.view(())
+
+    # --- calibration ------------------------------------------------------------------------------------------------
+    def init_from_weight(self, w: torch.Tensor) -> None:
+        """Per-channel step sizes from the weight itself (max-abs at 8 bits, MSE-optimal clipping below)."""
+        qn, qp = self.qrange
+        with torch.no_grad():
+            self.scale.data = weight_scales(w.detach(), qp, mse=self.bits < 8).to(self.scale)
+            self.initialized.fill_(1.0)
+
+    def start_observing(self) -> None:
+        self.observing = True
+        self.observer = HistogramObserver()
+
+    def finish_observing(self, method: str = "percentile", **kwargs: float) -> None:
+        """Set the step size from the recorded statistics with ``method`` (minmax, percentile, entropy, mse, ema)."""
+        self.observing = False
+        obs = self.observer
+        if obs is None or obs.count == 0:
+            return  # never reached (e.g. unused branch): keep what it had
+        if self.signed is None:
+            self.signed = bool(obs.min_value < 0)
+        qn, qp = self.qrange
+        clip = choose_range(obs, method, levels=qp, **kwargs)
+        with torch.no_grad():
+            self.scale.data.fill_(max(clip, 1e-8) / qp)
+            self.initialized.fill_(1.0)
+        self.observer = None
+
+    # --- forward ----------------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing:
+            if self.observer is not None:
+                self.observer.update(x.detach())
+            return x
+        if not self.enabled:
+            return x
+        if self.initialized.item() < 0.5:  # lazy init from the first batch (LSQ's rule for unseen activations)
+            self._lazy_init(x)
+        qn, qp = self.qrange
+        if self.training and not self.learn and not self.export:
+            self._track_range(x, qp)  # fixed-range alternative: ranges follow the data, no learned step
+        if self.export or not (self.training and self.learn):
+            return self._fake_quant(x, qn, qp)
+        n = x.numel() / (self.channels or 1)
+        return lsq_quantize(x, self.step(), qn, qp, 1.0 / math.sqrt(n * qp))
+
+    @torch.no_grad()
+    def _track_range(self, x: torch.Tensor, qp: int) -> None:
+        if self.channels:  # weights: current per-channel max-abs (or MSE clip for low bits)
+            self.scale.data = weight_scales(x, qp, mse=self.bits < 8).to(self.scale)
+        else:  # activations: EMA of the per-batch max-abs
+            self.scale.data.mul_(0.99).add_(0.01 * x.abs().max() / qp)
+
+    def _lazy_init(self, x: torch.Tensor) -> None:
+        if self.channels:
+            self.init_from_weight(x)
+            return
+        if self.signed is None:
+            self.signed = bool(x.detach().min() < 0)
+        qn, qp = self.qrange
+        with torch.no_grad():
+            # LSQ's initialisation 2*mean|x|/sqrt(Qp), bounded by max|x|/Qp so no range is wider than the data
+            init = min(2 * x.detach().abs().mean().item() / math.sqrt(qp), x.detach().abs().max().item() / qp)
+            self.scale.data.fill_(max(init, 1e-8))
+            self.initialized.fill_(1.0)
+
+    def freeze_for_export(self) -> None:
+        """Store the step size and zero point as plain buffers so the exported graph holds constants, not the
+        arithmetic that derives them."""
+        s = self.step().detach().reshape(-1 if self.channels else ()).float().clone()
+        self.register_buffer("export_scale", s, persistent=False)
+        self.register_buffer("export_zp", torch.zeros(s.shape, dtype=torch.int32, device=s.device), persistent=False)
+        self.export = True
+
+    def _fake_quant(self, x: torch.Tensor, qn: int, qp: int) -> torch.Tensor:
+        """Fake quantization through the torch ops that export as ONNX QuantizeLinear/DequantizeLinear (8-bit
+        containers: lower bit widths clamp to their own grid first, which keeps the result exact)."""
+        lo, hi = (-128, 127) if self.is_signed else (0, 255)
+        if self.export and hasattr(self, "export_scale"):
+            s, zp = self.export_scale, self.export_zp
+            if self.bits < 8 and not self.channels:  # weights arrive pre-rounded to their 4-bit grid
+                x = torch.clamp(x, qn * float(s), qp * float(s))
+        else:
+            s = self.step().detach()  # fixed grid here: LSQ's learning path is lsq_quantize
+            if self.bits < 8:
+                x = torch.clamp(x, qn * s, qp * s) if self.channels else torch.clamp(x, qn * s.item(), qp * s.item())
+            s = s.reshape(-1 if self.channels else ()).float()
+            zp = torch.zeros(s.shape, dtype=torch.int32, device=x.device)
+        if self.channels:
+            return torch.fake_quantize_per_channel_affine(x, s, zp, 0, lo, hi)
+        return torch.fake_quantize_per_tensor_affine(x, s, zp, lo, hi)
