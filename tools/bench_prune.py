@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"needs {weights} and {data} (the shared real weights and coco-real)", file=sys.stderr)
         return 2
     from yolocomp.eval import evaluate
-    from yolocomp.integration import load_model, resolve_data, train
+    from yolocomp.integration import load_model, mirror_dataset, resolve_data, train
     from yolocomp.prune import count_params, gflops, prune_model
     from yolocomp.prune.api import export_onnx, time_onnx
     from yolocomp.prune.cap import ChannelAttentionPruning
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     work = out.parent / f"{out.stem}_work"
     work.mkdir(parents=True, exist_ok=True)
-    data_abs = resolve_data(data, work)
+    data_abs = resolve_data(mirror_dataset(data, work), work)  # Ultralytics caches stay out of ../shared
     train_data = str(training_data(data_abs, work))
     ratios = [float(r) for r in args.ratios.split(",")]
     ft_ratios = [float(r) for r in args.finetune_ratios.split(",")] if args.finetune_ratios else ratios

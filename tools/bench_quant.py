@@ -27,33 +27,6 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 
-def private_data(src_yaml: Path, workdir: Path) -> Path:
-    """A copy of the dataset made of real folders holding per-file symlinks: Ultralytics resolves the split folders
-    (a symlinked folder would lead it back to ``../shared``) and writes its label caches next to the label folders,
-    so with this layout they land under ``workdir`` and ``../shared`` stays untouched."""
-    import yaml
-
-    from yolocomp.integration import resolve_data
-
-    src_yaml = resolve_data(src_yaml, workdir / "resolved")  # absolute 'path', found the way yolocomp finds it
-    cfg = yaml.safe_load(src_yaml.read_text())
-    src_root = Path(cfg["path"])
-    root = workdir / "data"
-    for top in ("images", "labels"):
-        for split_dir in sorted(p for p in (src_root / top).iterdir() if p.is_dir()) if (src_root / top).is_dir() else []:
-            dst = root / top / split_dir.name
-            dst.mkdir(parents=True, exist_ok=True)
-            for f in split_dir.iterdir():
-                if f.is_file() and f.suffix != ".cache" and not (dst / f.name).exists():
-                    (dst / f.name).symlink_to(f)
-    if (src_root / "annotations").exists() and not (root / "annotations").exists():
-        (root / "annotations").symlink_to(src_root / "annotations", target_is_directory=True)
-    cfg["path"] = str(root)
-    out = root / "data.yaml"
-    out.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return out
-
-
 def latency(paths: dict[str, Path], imgsz: int, runs: int, threads: int) -> dict[str, dict]:
     import onnxruntime as ort
 
@@ -108,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     from yolocomp.export.onnx_qdq import export_onnx
     from yolocomp.export.ort_check import integer_ops
     from yolocomp.export.ort_int8 import export_ort_int8
-    from yolocomp.integration import load_model, resolve_data
+    from yolocomp.integration import load_model, mirror_dataset, resolve_data
     from yolocomp.quant.api import qat
     from yolocomp.quant.calibrate import calibrate, calibration_images, image_batches
     from yolocomp.quant.convert import quantize_model
@@ -116,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(2)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = resolve_data(private_data(Path(args.data), out), out)
+    data = resolve_data(mirror_dataset(Path(args.data), out), out)  # caches stay out of ../shared
     weights = out / Path(args.weights).name  # Ultralytics writes exports next to the weights: work on a copy
     if not weights.exists():
         shutil.copy(args.weights, weights)

@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, help="calibration images (default 256)")
     p.add_argument("--bits", type=int, help="4 or 8")
     p.add_argument("--sensitivity", action="store_true", default=None, help="per-layer sensitivity analysis")
+    p.add_argument("--ort", action="store_true", default=None,
+                   help="also write model_int8_ort.onnx: integer conv+SiLU chains for ONNX Runtime CPU (not for TensorRT)")
 
     p = sub.add_parser("export", help="export to ONNX (Q/DQ for quantized models) or a TensorRT engine")
     _common(p, data=True)
@@ -120,7 +122,7 @@ _STAGE_FLAGS = {
     "prune": ("method", "ratio", "flops_reduction", "sparsity_epochs", "finetune_epochs", "s", "batch", "fraction", "lr0", "workers"),
     "distill": ("teacher", "method", "epochs", "batch", "fraction", "lr0", "workers"),
     "qat": ("bits", "export", "epochs", "batch", "fraction", "lr0", "workers"),
-    "ptq": ("calibrator", "images", "bits", "sensitivity"),
+    "ptq": ("calibrator", "images", "bits", "sensitivity", "ort"),
     "export": ("format", "check", "precision", "dla_core", "calibration_data", "calibration_cache"),
 }
 
@@ -152,8 +154,12 @@ def _stage_command(args: argparse.Namespace) -> dict:
     rows = [{"artifact": k, "path": v, "size_mb": _size_mb(v)} for k, v in result.artifacts.items()]
     print_table(rows, f"yolocomp {args.command} — outputs in {out}")
     summary = _summary_rows(result.report)
-    if summary:
-        print_table(summary, f"yolocomp {args.command} — summary")
+    pairs = [r for r in summary if "before" in r]
+    aps = [r for r in summary if "ap" in r]
+    if pairs:
+        print_table(pairs, f"yolocomp {args.command} — before / after")
+    if aps:
+        print_table(aps, f"yolocomp {args.command} — AP (fractions)")
     return result.report
 
 
@@ -163,11 +169,22 @@ def _size_mb(path: str) -> float | None:
 
 
 def _summary_rows(report: dict) -> list[dict]:
-    """Before/after figures from a stage report (keys shaped {"before": .., "after": ..})."""
-    rows = []
-    for key, value in (report or {}).items():
-        if isinstance(value, dict) and {"before", "after"} <= set(value) and not isinstance(value["before"], (dict, list)):
-            rows.append({"metric": key, "before": value["before"], "after": value["after"]})
+    """Figures worth a glance from a stage report: before/after pairs and every AP result it holds."""
+    rows: list[dict] = []
+
+    def walk(value: Any, path: str, depth: int) -> None:
+        if not isinstance(value, dict) or depth > 2:
+            return
+        if {"before", "after"} <= set(value) and not isinstance(value["before"], (dict, list)):
+            rows.append({"figure": path, "before": value["before"], "after": value["after"]})
+            return
+        if isinstance(value.get("ap"), float):
+            rows.append({"figure": path, "ap": value["ap"], "ap50": value.get("ap50"), "ap75": value.get("ap75")})
+            return
+        for key, child in value.items():
+            walk(child, f"{path}.{key}" if path else key, depth + 1)
+
+    walk(report or {}, "", 0)
     return rows
 
 

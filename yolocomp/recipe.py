@@ -96,10 +96,11 @@ STAGES: dict[str, dict[str, tuple]] = {
         "images": (int, 256, _positive, "use a number of calibration images such as 256"),
         "bits": (int, 8, _bits, "use 8 or 4"),
         "sensitivity": (bool, False, None, "use true or false"),
+        "ort": (bool, False, None, "use true to also write the ONNX Runtime integer flavour (fast on CPU, not for TensorRT)"),
     },
     "export": {
         "format": (str, "onnx", _one_of("onnx", "engine"), "use onnx or engine"),
-        "check": (bool, True, None, "use true or false"),
+        "check": (bool, False, None, "use true to lint Q/DQ placement for TensorRT"),
         "precision": (str, "auto", _one_of("auto", "fp32", "fp16", "int8"), "use auto, fp32, fp16 or int8"),
         "dla_core": ((int, type(None)), None, _non_negative, "use a DLA core index such as 0 (Jetson) or null"),
         "calibration_data": (OPT_STR, None, None, "give a folder of images for implicit INT8 calibration (TensorRT <= 10)"),

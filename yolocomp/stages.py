@@ -161,6 +161,7 @@ def stage_ptq(recipe: Recipe, model: str, out: Path, data: Path | None, referenc
         bits=s["bits"],
         sensitivity=s["sensitivity"],
         device=recipe.device,
+        ort=s["ort"],
     )
     onnx = sorted(out.glob("model_*.onnx"))
     if not onnx:
@@ -181,7 +182,8 @@ def stage_export(recipe: Recipe, model: str, out: Path, data: Path | None, refer
     if s["check"]:
         lint = require("yolocomp.export.lint", "the Q/DQ placement check")
         findings = lint.lint_qdq(onnx)
-        report["check"] = [getattr(f, "__dict__", f) if not isinstance(f, dict) else f for f in findings]
+        print(lint.format_findings(findings, onnx), flush=True)
+        report["check"] = [{"node": f.node, "rule": f.rule, "message": f.message, "severity": f.severity} for f in findings]
     if s["format"] == "engine":
         trt = require("yolocomp.export.tensorrt", "TensorRT export")
         report["engine"] = trt.export_engine(

@@ -480,7 +480,7 @@ def mirror_dataset(data: str | Path, workdir: str | Path) -> Path:
             dest = root / kind / split_dir.name
             dest.mkdir(parents=True, exist_ok=True)
             for f in split_dir.iterdir():
-                if not (dest / f.name).exists():
+                if f.suffix != ".cache" and not (dest / f.name).exists():
                     (dest / f.name).symlink_to(f)
     for extra in ("annotations",):
         if (src / extra).exists() and not (root / extra).exists():
