@@ -171,3 +171,32 @@ def test_resolve_data_writes_absolute_copy(tmp_path):
     bad.write_text("path: ds\n")
     with pytest.raises(UserError, match="needs at least 'val' and 'names'"):
         resolve_data(bad, tmp_path)
+
+
+class StopAfterFirstEpoch(Method):
+    """Interrupts training in the second epoch, after the first epoch's checkpoint was written."""
+
+    def on_epoch_end(self, trainer):
+        if trainer.epoch >= 1:
+            raise KeyboardInterrupt("simulated kill")
+
+
+def test_interrupted_training_resumes_inside_resume_block(tiny_data, tmp_path):
+    from yolocomp.integration.ultralytics import is_resumable, resume_interrupted
+
+    args = {**TRAIN_ARGS, "epochs": 3}
+    with pytest.raises(KeyboardInterrupt):
+        train(load_model("yolov8n.yaml", nc=3), str(tiny_data), [StopAfterFirstEpoch()], tmp_path, "run", **args)
+    last = tmp_path / "run" / "weights" / "last.pt"
+    assert is_resumable(last)
+    rows_before = (tmp_path / "run" / "results.csv").read_text().splitlines()[1:]
+    assert len(rows_before) == 1
+
+    method = CountingMethod()
+    with resume_interrupted():
+        result = train(load_model("yolov8n.yaml", nc=3), str(tiny_data), [method], tmp_path, "run", **args)
+    rows_after = (result.save_dir / "results.csv").read_text().splitlines()[1:]
+    assert [int(float(r.split(",")[0])) for r in rows_after] == [1, 2, 3]
+    assert rows_after[0] == rows_before[0]  # the finished epoch was kept, not retrained
+    assert method.epochs == 2  # only the two remaining epochs ran
+    assert not is_resumable(result.last)  # a finished run is not resumed again

@@ -8,8 +8,9 @@ Layout of a run folder::
         stage.json        written last: a stage with this file is finished and skipped on re-run
     report.json  report.md  pareto.png
 
-A stage without ``stage.json`` was interrupted; it runs again in its folder and, where the stage supports it, resumes
-from its last checkpoint (plain training does). Finished stages are never overwritten.
+A stage without ``stage.json`` was interrupted; it runs again in its folder, and every Ultralytics training inside it
+(base training, sparsity / attention training, fine-tune, distillation, QAT) resumes from its own unfinished
+``last.pt``. Finished stages are never overwritten.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 from yolocomp.api import require, resolve_data
 from yolocomp.errors import NotBuiltError, UserError
+from yolocomp.integration.ultralytics import resume_interrupted
 from yolocomp.recipe import BRANCH_STAGES, MODEL_STAGES, Recipe
 from yolocomp.report import pareto_plot, print_table, write_json, write_report
 from yolocomp.stages import RUNNERS, StageResult
@@ -54,7 +56,8 @@ def run(recipe: Recipe, out: str | Path | None = None) -> dict:
             stage_dir.mkdir(parents=True, exist_ok=True)
             started = time.time()
             try:
-                result: StageResult = RUNNERS[name](recipe, current, stage_dir, data, reference)
+                with resume_interrupted():  # an interrupted training inside the stage continues from last.pt
+                    result: StageResult = RUNNERS[name](recipe, current, stage_dir, data, reference)
             except NotBuiltError as e:
                 print(f"[yolocomp run] {name}: skipped — {e}", flush=True)
                 records.append({"stage": name, "status": "not built", "reason": str(e), "artifacts": {}})

@@ -33,31 +33,17 @@ def _train_overrides(settings: dict) -> dict:
 
 
 def stage_train(recipe: Recipe, model: str, out: Path, data: Path | None, reference: str | None) -> StageResult:
-    """Plain Ultralytics training (the demo's base model, or a warm-up before compression). Resumes if interrupted."""
+    """Plain Ultralytics training (the demo's base model, or a warm-up before compression)."""
     from yolocomp.integration import save_model, train
 
     if data is None:
         raise UserError("stage train needs data: set data: in the recipe or pass --data")
     s = recipe.stage("train")
-    last = out / "train" / "weights" / "last.pt"
     overrides = {"epochs": s["epochs"], "imgsz": recipe.imgsz, "device": recipe.device, **_train_overrides(s)}
-    if last.exists() and _resumable(last):
-        result = train(None, str(data), [], project=out, name="train", resume=last)
-    else:
-        net = load_model(_with_model(recipe, model), data)
-        result = train(net, str(data), [], project=out, name="train", **overrides)
+    net = load_model(_with_model(recipe, model), data)
+    result = train(net, str(data), [], project=out, name="train", **overrides)
     path = save_model(result.model, out / "model.pt")
     return StageResult("train", str(path), {"trained": str(path)}, {"metrics": result.metrics})
-
-
-def _resumable(last: Path) -> bool:
-    import torch
-
-    try:
-        ckpt = torch.load(last, map_location="cpu", weights_only=False)
-    except Exception:
-        return False
-    return ckpt.get("optimizer") is not None and ckpt.get("epoch", -1) >= 0
 
 
 def _with_model(recipe: Recipe, model: str) -> Recipe:

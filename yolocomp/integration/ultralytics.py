@@ -21,8 +21,10 @@ Where each hook runs and why:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,6 +237,42 @@ class CompressionTrainer(_detection_trainer_cls()):
         return super().get_model(cfg=cfg, weights=weights, verbose=verbose)
 
 
+_RESUME_INTERRUPTED: contextvars.ContextVar[bool] = contextvars.ContextVar("yolocomp_resume_interrupted", default=False)
+
+
+@contextlib.contextmanager
+def resume_interrupted() -> Iterator[None]:
+    """Within this block, :func:`train` resumes a run whose folder holds an unfinished checkpoint instead of starting
+    over (used by ``yolocomp run`` so an interrupted stage continues from its last epoch)."""
+    token = _RESUME_INTERRUPTED.set(True)
+    try:
+        yield
+    finally:
+        _RESUME_INTERRUPTED.reset(token)
+
+
+def is_resumable(checkpoint: str | Path) -> bool:
+    """An Ultralytics checkpoint of an unfinished run (finished runs have their optimizer stripped)."""
+    try:
+        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    except Exception:
+        return False
+    return isinstance(ckpt, dict) and ckpt.get("optimizer") is not None and ckpt.get("epoch", -1) >= 0
+
+
+def _drop_rows_after_checkpoint(last: Path) -> None:
+    """A kill between Ultralytics writing an epoch's results.csv row and its checkpoint leaves a row the resumed run
+    writes again; keep only the rows up to the checkpoint's epoch so every epoch appears once."""
+    epoch = torch.load(last, map_location="cpu", weights_only=False)["epoch"]  # 0-based, last finished epoch
+    csv = last.parent.parent / "results.csv"
+    if not csv.exists():
+        return
+    header, *rows = csv.read_text().splitlines()
+    kept = [r for r in rows if r and float(r.split(",", 1)[0]) <= epoch + 1]
+    if len(kept) != len(rows):
+        csv.write_text("\n".join([header, *kept]) + "\n")
+
+
 @dataclass
 class TrainResult:
     model: nn.Module  #: best checkpoint's model after every method's ``finalize``
@@ -257,6 +295,11 @@ def train(
     from ultralytics.nn.tasks import load_checkpoint
     from ultralytics.utils import callbacks as ul_callbacks
 
+    if resume is None and _RESUME_INTERRUPTED.get():
+        last = Path(project) / name / "weights" / "last.pt"
+        if last.exists() and is_resumable(last):
+            resume = last
+            _drop_rows_after_checkpoint(last)
     hub = CallbackHub(methods)
     cbs = ul_callbacks.get_default_callbacks()
     for event, fn in hub.callbacks().items():
