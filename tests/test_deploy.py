@@ -340,3 +340,24 @@ def test_cpu_infer_real_yolov8n(tmp_path):
     assert summary["frames"] == 6 and summary["detections_total"] >= 6 and "person" in summary["per_class"]
     results = {r["image"]: r["detections"] for r in summary["results"]}
     assert_same_detections(results, reference_detections(onnx_path, sorted(folder.iterdir()), 0.25, 0.7, imgsz=640))
+
+
+def test_cpu_infer_on_yolocomp_int8_exports(models, tmp_path):
+    """The deploy script runs on yolocomp's own INT8 artifacts (TensorRT-style Q/DQ and the ORT integer flavour) and
+    finds the same detections as yolocomp.eval's pipeline on them."""
+    from yolocomp.quant.api import ptq
+
+    data = models["val"].parents[1] / "data.yaml"
+    out = tmp_path / "ptq"
+    ptq(models["root"] / "tiny.pt", str(data), str(out), calibrator="minmax", images=8, imgsz=IMGSZ, ort=True,
+        eval_images=2)
+    images = sorted(models["val"].iterdir())
+    for name in ("model_int8.onnx", "model_int8_ort.onnx"):
+        onnx_path = out / name
+        run_script(DEPLOY / "cpu" / "infer.py", "--model", onnx_path, "--source", models["val"], "--conf", 0.1,
+                   "--out", tmp_path / name)
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        assert summary["frames"] == 12 and summary["precision"] == "int8"
+        assert summary["detections_total"] > 0
+        results = {r["image"]: r["detections"] for r in summary["results"]}
+        assert_same_detections(results, reference_detections(onnx_path, images, 0.1, 0.7, 300))
