@@ -16,13 +16,16 @@ def size_mb(model: Any) -> float:
     return round(sum(t.numel() * t.element_size() for t in tensors) / 1e6, 3)
 
 
-def torch_gflops(model: Any, imgsz: int) -> float:
-    """GFLOPs at ``imgsz`` (Ultralytics' thop profile, 2 x MACs); measured on a copy so the model is untouched."""
+def torch_gflops(model: Any, imgsz: int) -> float | None:
+    """GFLOPs at ``imgsz`` (Ultralytics' thop profile, 2 x MACs); measured on a copy so the model is untouched.
+
+    None when the profiler cannot count the model's modules (it returns 0 for e.g. fake-quantized convs)."""
     import copy
 
     from ultralytics.utils.torch_utils import get_flops
 
-    return round(float(get_flops(copy.deepcopy(model).float(), imgsz)), 4)
+    value = round(float(get_flops(copy.deepcopy(model).float(), imgsz)), 4)
+    return value or None
 
 
 def _layer_table(model: Any) -> list[dict]:
