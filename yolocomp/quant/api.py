@@ -54,7 +54,7 @@ def _export_and_check(model: Any, out: Path, name: str, data: Path, imgsz: int, 
         "export": info,
         "lint": [str(f) for f in findings],
         "ort_integer_ops": integer_ops(path),
-        "ap_onnx": _metrics(evaluate(str(path), data, imgsz=imgsz, images=eval_images)),
+        "ap_onnx": _metrics(evaluate(str(path), data, imgsz=imgsz, device=device, images=eval_images)),
     }
 
 
@@ -81,7 +81,8 @@ def ptq(model: Any, data: str | Path, out: str | Path, calibrator: str = "percen
     report: dict = {"title": f"PTQ ({calibrator})", "model": _model_name(model), "data": str(data), "calibrator": calibrator,
                     "imgsz": imgsz}
     if evaluate_float:
-        report["ap_float"] = _metrics(evaluate(float_model, data_abs, imgsz=imgsz, images=eval_images))
+        report["ap_float"] = _metrics(evaluate(float_model, data_abs, imgsz=imgsz, device=device,
+                                                    images=eval_images))
     qmodel = deepcopy(float_model)  # the caller's model (or our float reference) stays untouched
     wb, ab = weight_bits or bits, act_bits or bits
     info = quantize_model(qmodel, wb, ab, exclude=exclude, layer_bits=layer_bits)
@@ -107,7 +108,8 @@ def ptq(model: Any, data: str | Path, out: str | Path, calibrator: str = "percen
         path = export_ort_int8(float_model, out / "model_int8_ort.onnx", image_batches(paths, imgsz, batch), imgsz,
                                calibrator)
         report["ort_flavour"] = {"onnx": str(path), "ort_integer_ops": integer_ops(path),
-                                 "ap_onnx": _metrics(_evaluate(str(path), data_abs, imgsz=imgsz, images=eval_images))}
+                                 "ap_onnx": _metrics(_evaluate(str(path), data_abs, imgsz=imgsz, device=device,
+                                                            images=eval_images))}
     report["seconds"] = round(time.time() - t0, 1)
     _write_report(out, report)
     return report
@@ -158,7 +160,7 @@ def qat(model: Any, data: str | Path, out: str | Path, bits: int = 8, epochs: in
     if resume is None:
         m = deepcopy(load_model(model)).float()
         if evaluate_float:
-            report["ap_float"] = _metrics(evaluate(m, data_abs, imgsz=imgsz, images=eval_images))
+            report["ap_float"] = _metrics(evaluate(m, data_abs, imgsz=imgsz, device=device, images=eval_images))
         method.prepare(m)  # so exclusions are validated before training starts
     result = train(m, str(data_abs), methods, project=out, name="train", resume=resume, epochs=epochs, imgsz=imgsz,
                    batch=batch, fraction=fraction, device=device, **train_overrides)
@@ -168,7 +170,8 @@ def qat(model: Any, data: str | Path, out: str | Path, bits: int = 8, epochs: in
                                                                "excluded": method.summary.get("excluded", [])}})
     report.update(qat_pt=str(ckpt), train_dir=str(result.save_dir), quantized_layers=len(method.summary["quantized"]),
                   excluded=method.summary["excluded"])
-    report["ap_fake_quant"] = _metrics(evaluate(qmodel, data_abs, imgsz=imgsz, images=eval_images))
+    report["ap_fake_quant"] = _metrics(evaluate(qmodel, data_abs, imgsz=imgsz, device=device,
+                                                 images=eval_images))
     if export:
         report.update(_export_and_check(qmodel, out, onnx_name(wb, ab), data_abs, imgsz, device, eval_images))
     if "ap_float" in report:
