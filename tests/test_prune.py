@@ -325,7 +325,12 @@ def test_prune_api_bn_with_sparsity_and_finetune(tmp_path, prune_data):
         assert set(saved[key]) == {"before", "after"} and saved[key]["after"] < saved[key]["before"]
     assert {"before", "pruned", "finetuned"} <= set(saved["ap"]) and 0 <= saved["ap"]["pruned"]["ap"] <= 1
     assert saved["gamma_history"] and "below_0.01" in saved["gamma_history"][0]
-    assert all(r["latency_ms_p50"] > 0 for r in saved["models"])
+    # latency is ONNX Runtime's, on each stage's own ONNX export, relative to the unpruned model
+    assert [r["model"] for r in saved["models"]] == ["before", "pruned", "finetuned"]
+    assert all(r["latency_ms_p50"] > 0 for r in saved["models"]) and saved["models"][0]["speedup"] == 1.0
+    onnx_bytes = {k: (out / "work" / f"latency_{k}" / "latency.onnx").stat().st_size
+                  for k in ("before", "pruned", "finetuned")}
+    assert max(onnx_bytes["pruned"], onnx_bytes["finetuned"]) < 0.9 * onnx_bytes["before"]
     assert report["layers"] == saved["layers"]
     assert src.exists()
 

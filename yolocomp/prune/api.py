@@ -58,30 +58,6 @@ def time_onnx(paths: dict[str, str], imgsz: int, runs: int = 30, warmup: int = 5
     return {k: round(v, 3) for k, v in best.items()}
 
 
-def onnx_latency(model: nn.Module, imgsz: int, workdir: Path, runs: int = 30, warmup: int = 5,
-                 threads: int | None = None) -> dict:
-    """Median ONNX Runtime CPU latency (batch 1) of an Ultralytics ONNX export of ``model``.
-
-    Uses ``yolocomp.eval.bench`` when it exists, otherwise :func:`time_onnx` on the same export.
-    """
-    try:
-        import copy
-
-        from yolocomp.eval.bench import bench  # written by the eval engineer
-        from yolocomp.integration import save_model
-
-        workdir.mkdir(parents=True, exist_ok=True)
-        pt = save_model(copy.deepcopy(model), workdir / "latency.pt")
-        res = bench([str(pt)], imgsz=imgsz, device="cpu", runs=runs, warmup=warmup, threads=threads)
-        first = next(iter(res.values())) if isinstance(res, dict) and "latency_ms" not in res else res
-        return {"p50": first["latency_ms"]["p50"], "source": "yolocomp.eval.bench"}
-    except (ImportError, KeyError, TypeError, StopIteration):
-        pass
-    path = export_onnx(model, imgsz, workdir)
-    return {"p50": time_onnx({"m": path}, imgsz, runs, warmup, threads, rounds=1)["m"],
-            "source": "onnxruntime CPUExecutionProvider, batch 1, Ultralytics ONNX export"}
-
-
 def _evaluate(model: Any, data: str | None, imgsz: int, device: str, batch: int) -> dict | None:
     if data is None:
         return None
@@ -183,12 +159,16 @@ def prune(
         ap["finetuned"] = _evaluate(finetuned, eval_data, imgsz, device, batch)
         models["finetuned"] = (finetuned, ft_path)
 
+    # every stage's ONNX export timed interleaved in one go (see time_onnx), so the speedups compare like with like
+    lat: dict[str, float] = {}
+    if latency:
+        lat = time_onnx({k: export_onnx(m, imgsz, work / f"latency_{k}") for k, (m, _) in models.items()}, imgsz)
     rows = []
     for stage, (m, path) in models.items():
         row = {"model": stage, "params": count_params(m), "gflops": round(gflops(m, imgsz), 3),
                "size_mb": _size_mb(path) if path else None}
         if latency:
-            row["latency_ms_p50"] = onnx_latency(m, imgsz, work / f"latency_{stage}")["p50"]
+            row["latency_ms_p50"] = lat[stage]
         a = ap.get(stage)
         row.update({k: (round(a[k], 4) if a else None) for k in ("ap", "ap50", "ap75")})
         rows.append(row)
