@@ -228,6 +228,12 @@ def test_cpu_infer_errors(models, tmp_path):
     proc = run_script(DEPLOY / "cpu" / "infer.py", "--model", models["fp32"], "--source", models["val"], "--conf", 2,
                       "--out", tmp_path, check=False)
     assert proc.returncode != 0 and "--conf 2.0 is outside [0, 1)" in proc.stderr
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"not an onnx graph")
+    proc = run_script(DEPLOY / "cpu" / "infer.py", "--model", corrupt, "--source", models["val"], "--out", tmp_path,
+                      check=False)
+    assert proc.returncode != 0 and "cannot load" in proc.stderr and "re-export the model" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1  # one line, not ONNX Runtime's multi-line dump
 
 
 def test_cpu_bench_schema(models, tmp_path):
@@ -258,9 +264,10 @@ def test_cpu_bench_schema(models, tmp_path):
 
 def test_bench_schema_matches_yolocomp_bench(models, tmp_path):
     """Same keys at every level as `yolocomp bench` on the same models, and the same parameter counts."""
-    bench_mod = pytest.importorskip("yolocomp.eval.bench", reason="yolocomp.eval.bench not written yet")
+    from yolocomp.eval.bench import bench
+
     paths = [str(models["fp32"]), str(models["int8"])]
-    theirs = bench_mod.bench(paths, imgsz=IMGSZ, batch_sizes=(1,), runs=2, warmup=1, progress=False)
+    theirs = bench(paths, imgsz=IMGSZ, batch_sizes=(1,), runs=2, warmup=1, progress=False)
     run_script(DEPLOY / "cpu" / "bench.py", "--model", *paths, "--runs", 2, "--warmup", 1, "--json", tmp_path / "b.json")
     ours = json.loads((tmp_path / "b.json").read_text())
     assert set(ours) == set(theirs)

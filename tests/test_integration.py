@@ -127,8 +127,9 @@ def test_load_model_errors(tmp_path):
         load_model(tmp_path / "missing.pt")
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"not a checkpoint")
-    with pytest.raises(UserError, match="cannot read checkpoint"):
+    with pytest.raises(UserError, match="cannot read checkpoint .*corrupt or not an Ultralytics") as err:
         load_model(corrupt)
+    assert "\n" not in str(err.value)
     with pytest.raises(UserError, match="unsupported model"):
         load_model(tmp_path / "model.h5")
     from ultralytics.nn.tasks import ClassificationModel
@@ -200,3 +201,16 @@ def test_interrupted_training_resumes_inside_resume_block(tiny_data, tmp_path):
     assert rows_after[0] == rows_before[0]  # the finished epoch was kept, not retrained
     assert method.epochs == 2  # only the two remaining epochs ran
     assert not is_resumable(result.last)  # a finished run is not resumed again
+
+
+def test_unreadable_checkpoint_is_refused_not_overwritten(tiny_data, tmp_path):
+    from yolocomp.integration.ultralytics import resume_interrupted
+
+    last = tmp_path / "run" / "weights" / "last.pt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"half-written checkpoint")
+    with resume_interrupted(), pytest.raises(UserError, match="cannot resume from .*last.pt.*delete it") as err:
+        train(load_model("yolov8n.yaml", nc=3), str(tiny_data), [], tmp_path, "run", **TRAIN_ARGS)
+    assert "\n" not in str(err.value)
+    assert last.read_bytes() == b"half-written checkpoint"  # the user's file is untouched
+    assert not (tmp_path / "run" / "results.csv").exists()  # and no training started over it

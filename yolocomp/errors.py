@@ -7,3 +7,10 @@ class UserError(Exception):
 
 class NotBuiltError(UserError):
     """A stage whose method is not implemented yet; the CLI says so plainly and exits non-zero."""
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first non-empty line of an exception's message (libraries often raise multi-line ones), or its type name;
+    errors we show stay one line."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    return (lines[0] if lines else type(error).__name__)[:limit]

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from yolocomp.api import require, resolve_data
-from yolocomp.errors import NotBuiltError, UserError
+from yolocomp.errors import UserError
 from yolocomp.integration.ultralytics import resume_interrupted
 from yolocomp.recipe import BRANCH_STAGES, MODEL_STAGES, Recipe
 from yolocomp.report import pareto_plot, print_table, write_json, write_report
@@ -55,13 +55,10 @@ def run(recipe: Recipe, out: str | Path | None = None) -> dict:
             print(f"[yolocomp run] {name}: running in {stage_dir}", flush=True)
             stage_dir.mkdir(parents=True, exist_ok=True)
             started = time.time()
-            try:
-                with resume_interrupted():  # an interrupted training inside the stage continues from last.pt
-                    result: StageResult = RUNNERS[name](recipe, current, stage_dir, data, reference)
-            except NotBuiltError as e:
-                print(f"[yolocomp run] {name}: skipped — {e}", flush=True)
-                records.append({"stage": name, "status": "not built", "reason": str(e), "artifacts": {}})
-                continue
+            # a stage whose method is missing raises NotBuiltError: the run stops with exit 2 (finished stages
+            # keep their markers), rather than reporting a pipeline that silently left a stage out
+            with resume_interrupted():  # an interrupted training inside the stage continues from last.pt
+                result: StageResult = RUNNERS[name](recipe, current, stage_dir, data, reference)
             record = {
                 "stage": name,
                 "status": "done",
@@ -93,12 +90,8 @@ def _initial_model(recipe: Recipe) -> str:
 
 def _measure(recipe: Recipe, records: list[dict], run_dir: Path, data: Path | None) -> list[dict]:
     """AP (cached per artifact under ``metrics/``), parameters, GFLOPs and latency of every stage artifact."""
-    try:
-        ev = require("yolocomp.eval", "evaluation")
-        bench_mod = require("yolocomp.eval.bench", "benchmarking")
-    except NotBuiltError as e:
-        print(f"[yolocomp run] measuring skipped — {e}", flush=True)
-        return []
+    ev = require("yolocomp.eval", "evaluation")
+    bench_mod = require("yolocomp.eval.bench", "benchmarking")
     from tqdm import tqdm
 
     e_cfg, b_cfg = recipe.stage("eval"), recipe.stage("bench")

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from yolocomp.errors import UserError
+from yolocomp.errors import UserError, first_line
 
 # A field spec: (accepted python types, default, check returning an error fragment or None, hint for the fix).
 Check = Callable[[Any], "str | None"]
@@ -271,7 +271,7 @@ def load(path: str | Path, overrides: dict | None = None) -> Recipe:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from e
+        raise UserError(f"{path}: not valid YAML: {first_line(e)}") from e
     if is_model_yaml(raw):
         raw = {"model": str(path), "data": None, "stages": {}}
     return validate(apply_overrides(raw or {}, overrides or {}), source=str(path))

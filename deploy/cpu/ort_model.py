@@ -44,7 +44,8 @@ class OrtModel:
         try:
             self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own exception types for corrupt / unsupported graphs
-            raise SystemExit(f"cannot load {path} with ONNX Runtime: {e}") from e
+            reason = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+            raise SystemExit(f"cannot load {path} with ONNX Runtime: {reason.strip()[:200]} (re-export the model)") from e
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.input_dtype = np.float16 if "float16" in inp.type else np.float32

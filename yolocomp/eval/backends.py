@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from yolocomp.errors import UserError
+from yolocomp.errors import UserError, first_line
 
 TENSORRT_MISSING = "TensorRT is not installed: pip install 'yolocomp[tensorrt]' on a machine with an NVIDIA GPU"
 SUFFIXES = (".pt", ".onnx", ".engine", ".yaml", ".yml")
@@ -112,7 +112,7 @@ class OnnxRunner:
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as e:  # ORT raises its own Fail/InvalidGraph types
-            raise UserError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0]} (re-export the model)") from e
+            raise UserError(f"ONNX Runtime cannot load {path}: {first_line(e)} (re-export the model)") from e
         self.providers = self.session.get_providers()
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name

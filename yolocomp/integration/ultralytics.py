@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from yolocomp.errors import UserError
+from yolocomp.errors import UserError, first_line
 from yolocomp.methods import Method
 
 _EVENTS = (
@@ -252,11 +252,14 @@ def resume_interrupted() -> Iterator[None]:
 
 
 def is_resumable(checkpoint: str | Path) -> bool:
-    """An Ultralytics checkpoint of an unfinished run (finished runs have their optimizer stripped)."""
+    """An Ultralytics checkpoint of an unfinished run (finished runs have their optimizer stripped).
+
+    An unreadable file is an error, not "start over": restarting would overwrite the run the user wants resumed."""
     try:
         ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    except Exception:
-        return False
+    except Exception as e:
+        raise UserError(f"cannot resume from {checkpoint}: unreadable checkpoint ({first_line(e)}); restore it, or delete "
+                        f"it to restart that training from scratch") from None
     return isinstance(ckpt, dict) and ckpt.get("optimizer") is not None and ckpt.get("epoch", -1) >= 0
 
 
@@ -359,7 +362,7 @@ def load_model(source: str | Path | nn.Module, nc: int | None = None) -> nn.Modu
             try:
                 model = DetectionModel(str(source), nc=nc, verbose=False)
             except Exception as e:  # Ultralytics raises many types for bad yamls
-                raise UserError(f"cannot build a model from {source}: {e} (check the yaml)") from e
+                raise UserError(f"cannot build a model from {source}: {first_line(e)} (check the yaml)") from e
             model.pt_path = str(source)
         elif suffix == ".pt":
             if not path.exists():
@@ -367,7 +370,8 @@ def load_model(source: str | Path | nn.Module, nc: int | None = None) -> nn.Modu
             try:
                 model, _ = load_checkpoint(str(path))
             except Exception as e:
-                raise UserError(f"cannot read checkpoint {source}: {type(e).__name__}: {e} (file corrupt or not an Ultralytics checkpoint)") from e
+                raise UserError(f"cannot read checkpoint {source}: {type(e).__name__}: {first_line(e)} (file corrupt or not "
+                                f"an Ultralytics checkpoint)") from e
         else:
             raise UserError(f"unsupported model {source}: give an Ultralytics .pt checkpoint or a model .yaml")
     if not is_detection_model(model):
@@ -463,7 +467,7 @@ def resolve_data(data: str | Path, workdir: str | Path) -> Path:
     try:
         cfg = yaml.safe_load(src.read_text())
     except yaml.YAMLError as e:
-        raise UserError(f"data yaml {data} is not valid YAML: {str(e).splitlines()[0]}") from e
+        raise UserError(f"data yaml {data} is not valid YAML: {first_line(e)}") from e
     if not isinstance(cfg, dict) or "val" not in cfg or "names" not in cfg:
         raise UserError(f"data yaml {data} needs at least 'val' and 'names' keys (Ultralytics detection format)")
     root = Path(cfg.get("path") or ".")
