@@ -36,6 +36,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--s", type=float, default=1e-4, help="BN-γ sparsity strength")
     p.add_argument("--fraction", type=float, default=1.0, help="share of coco-real train used for training")
     p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr0", type=float, default=1e-3, help="AdamW learning rate for every training (as bench_distill)")
+    p.add_argument("--nbs", type=int, default=None,
+                   help="nominal batch size (default: --batch, one optimizer step per batch; Ultralytics' 64 would "
+                        "leave a few-epoch CPU fine-tune with a handful of steps)")
     p.add_argument("--val-images", type=int, default=None, help="limit evaluation to the first N val images")
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads for latency")
     p.add_argument("--runs", type=int, default=30, help="timed ONNX Runtime runs per model and round")
@@ -51,7 +55,7 @@ def training_data(data_abs: Path, work: Path, val_images: int = 8) -> Path:
     root = Path(cfg["path"])
     val_dir = root / cfg["val"]
     images = sorted(p for p in val_dir.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})[:val_images]
-    listing = work / "val_subset.txt"
+    listing = (work / "val_subset.txt").resolve()  # Ultralytics resolves a relative val against the data path
     listing.write_text("\n".join(str(p) for p in images) + "\n")
     cfg["val"] = str(listing)
     out = work / "train_data.yaml"
@@ -82,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     ft_ratios = [float(r) for r in args.finetune_ratios.split(",")] if args.finetune_ratios else ratios
     methods = args.methods.split(",")
     train_args = {"imgsz": args.imgsz, "batch": args.batch, "fraction": args.fraction, "warmup_epochs": 0,
-                  "device": "cpu", "val": False}
+                  "device": "cpu", "val": False, "optimizer": "AdamW", "lr0": args.lr0, "nbs": args.nbs or args.batch}
     t_start = time.perf_counter()
 
     def ap_of(model) -> dict:
