@@ -205,6 +205,34 @@ def test_quantized_model_stays_close_to_float(lively):
     assert 0 < rel < 0.3  # random weights are far more fragile than trained ones
 
 
+def test_qat_tracks_8_bit_weight_ranges_and_learns_4_bit_ones(lively):
+    from yolocomp.quant.qat import QuantizationAwareTraining
+
+    model = deepcopy(lively)
+    QuantizationAwareTraining(bits=8, layer_bits={"model.0": 4}).prepare(model)
+    convs = quant_convs(model)
+    assert convs[0].weight_quant.bits == 4 and convs[0].weight_quant.learn
+    assert not any(c.weight_quant.learn for c in convs[1:]) and all(c.act_quant.learn for c in convs)
+    calibrate(model, [torch.rand(2, 3, 64, 64)], "minmax", progress=False)
+    conv = convs[5]
+    with torch.no_grad():
+        conv.conv.weight[0] *= 2  # an update that pushes channel 0 past its calibrated range
+    w = conv.folded()[0].detach()
+    expected = w.reshape(w.shape[0], -1).abs().amax(1) / 127
+    model.eval()
+    with torch.inference_mode():  # evaluation follows the new range without writing inference tensors into it
+        q = conv.weight_quant(w)
+    assert ((q - w).abs().reshape(w.shape[0], -1).amax(1) <= expected / 2 + 1e-7).all()  # nothing clipped
+    assert conv.weight_quant.scale[0] < expected[0] * 0.75  # the stored step is untouched in evaluation
+    model.train()
+    conv.weight_quant(w)
+    assert torch.allclose(conv.weight_quant.scale, expected)  # training stores the tracked step
+    conv.weight_quant.scale.data.fill_(1.0)  # a stale stored step must not reach the export
+    conv.freeze_for_export()
+    assert torch.allclose(conv.weight_quant.export_scale, expected)
+    assert (conv.export_weight / expected.view(-1, 1, 1, 1)).sub((w / expected.view(-1, 1, 1, 1)).round()).abs().max() < 1e-3
+
+
 # --- QAT through the Ultralytics trainer ------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_one_qat_epoch_on_synthetic_data(synthetic_data, tmp_path, lively):
@@ -243,3 +271,22 @@ def test_qat_api_with_teacher_writes_checkpoint_and_report(synthetic_data, tmp_p
     assert "kdcls_loss" in cols  # the teacher's loss trained alongside the quantized student
     with pytest.raises(UserError, match="bits"):
         qat(deepcopy(lively), synthetic_data, tmp_path / "bad", bits=6)
+
+
+@pytest.mark.slow
+def test_qat_defaults_self_distil_without_label_loss(synthetic_data, tmp_path, lively):
+    import csv
+
+    from yolocomp.quant.api import QAT_TRAIN_DEFAULTS, qat
+
+    model = deepcopy(lively)
+    report = qat(model, synthetic_data, tmp_path, bits=8, epochs=1, imgsz=64, batch=8, evaluate_float=False)
+    assert report["teacher"].startswith("self") and report["label_loss"] is False
+    assert {k: report["train_settings"][k] for k in QAT_TRAIN_DEFAULTS} == QAT_TRAIN_DEFAULTS
+    assert report["train_settings"]["box"] == report["train_settings"]["cls"] == 0.0
+    assert not quant_convs(model)  # the caller's float model (and so the teacher) stays float
+    rows = list(csv.DictReader((tmp_path / "train" / "results.csv").open()))
+    losses = {k.strip(): float(v) for k, v in rows[-1].items() if k.strip().startswith("train/")}
+    assert losses["train/box_loss"] == losses["train/cls_loss"] == 0.0 and losses["train/kdcls_loss"] > 0
+    with pytest.raises(UserError, match="teacher"):
+        qat(deepcopy(lively), synthetic_data, tmp_path / "bad", teacher=None, label_loss=False)

@@ -2,7 +2,9 @@
 
 Rows: FP32 ONNX; PTQ INT8 with TensorRT-style symmetric Q/DQ for each calibrator; PTQ INT8 in the ONNX Runtime
 flavour (uint8 activations, integer SiLU); QAT INT8 / W4A8 / W4A4 (full, heads included, TensorRT-style Q/DQ);
-Ultralytics' own ``export(format="onnx", quantize=8)`` and ``train(quantize=8)`` where they work offline.
+Ultralytics' own ``export(format="onnx", quantize=8)`` and, where nvidia-modelopt is installed, ``train(quantize=8)``
+then ``export(format="onnx")``. QAT rows use qat()'s defaults (self-distillation from the FP32 weights, no label loss,
+BN frozen, SGD lr0=1e-4); the FP32 fine-tune and Ultralytics' QAT rows train with the same optimizer, lr and budget.
 AP/AP50/AP75 with ``yolocomp.eval.evaluate`` (ONNX Runtime); latency: ONNX Runtime CPU, batch 1, all models run
 round-robin in one process so machine load hits them alike; ratios are FP32 p50 / model p50.
 
@@ -48,6 +50,39 @@ def latency(paths: dict[str, Path], imgsz: int, runs: int, threads: int) -> dict
     return {n: {"p50_ms": round(float(np.median(t)), 2), "min_ms": round(float(np.min(t)), 2)} for n, t in times.items()}
 
 
+def ul_qat_int8(args: argparse.Namespace, data: Path, weights: Path, out: Path, train_settings: dict, add) -> None:
+    """The ``ultralytics_qat_int8`` row (or its error row)."""
+    import importlib.util
+
+    missing = [m for m in ("modelopt", "huggingface_hub") if importlib.util.find_spec(m) is None]
+    if missing:  # checked here: Ultralytics would otherwise try to pip-install them at run time
+        add("ultralytics_qat_int8", None, {"error": f"not run: train(quantize=8) needs nvidia-modelopt and "
+                                                    f"huggingface_hub; missing: {', '.join(missing)}"})
+        return
+    try:
+        from importlib.metadata import version
+
+        from ultralytics import YOLO
+
+        folder = (out / "ultralytics_qat").resolve()
+        folder.mkdir(parents=True, exist_ok=True)
+        copy = folder / weights.name  # Ultralytics writes next to the weights: its own copy
+        shutil.copy(weights, copy)
+        t = time.time()
+        yolo = YOLO(str(copy))
+        yolo.train(data=str(data), quantize=8, epochs=args.epochs, imgsz=args.imgsz, batch=16,
+                   fraction=args.qat_fraction, device="cpu", workers=0, plots=False, project=str(folder),
+                   name="train", exist_ok=True, **train_settings)
+        best = Path(yolo.trainer.best)
+        train_s = round(time.time() - t, 1)
+        path = YOLO(str(best)).export(format="onnx", quantize=8, imgsz=args.imgsz)
+        add("ultralytics_qat_int8", Path(path), {"placement": "ultralytics (ModelOpt Q/DQ, head output convs float)",
+                                                 "modelopt": version("nvidia-modelopt"), "train_s": train_s})
+    except Exception as e:
+        traceback.print_exc()
+        add("ultralytics_qat_int8", None, {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"})
+
+
 def metrics(result: dict) -> dict:
     return {k: (round(100 * result[k], 2) if isinstance(result.get(k), float) else result.get(k))
             for k in ("ap", "ap50", "ap75")}
@@ -64,6 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--qat", default="8,w4a8,w4a4", help="QAT variants to run ('' for none)")
     ap.add_argument("--freeze-bn-epoch", type=int, default=0, help="QAT: freeze BN statistics after N epochs (0: "
                     "from the start, best for the 1-epoch CPU budget)")
+    ap.add_argument("--qat-lr0", type=float, default=None, help="QAT (and the FP32 fine-tune, Ultralytics' QAT): lr0 "
+                    "(default: yolocomp.quant.api.QAT_TRAIN_DEFAULTS)")
     ap.add_argument("--ft-baseline", type=int, default=1, help="also run a plain FP32 fine-tune with the QAT budget")
     ap.add_argument("--calibrators", default="minmax,percentile,entropy,mse")
     ap.add_argument("--runs", type=int, default=30, help="latency runs per model")
@@ -82,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     from yolocomp.export.ort_check import integer_ops
     from yolocomp.export.ort_int8 import export_ort_int8
     from yolocomp.integration import load_model, mirror_dataset, resolve_data
-    from yolocomp.quant.api import qat
+    from yolocomp.quant.api import QAT_TRAIN_DEFAULTS, qat
     from yolocomp.quant.calibrate import calibrate, calibration_images, image_batches
     from yolocomp.quant.convert import quantize_model
 
@@ -160,12 +197,9 @@ def main(argv: list[str] | None = None) -> dict:
         add("ultralytics_onnx_int8", Path(ul), {"placement": "ultralytics (onnxruntime quantize_static)"})
     except Exception as e:
         add("ultralytics_onnx_int8", None, {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"})
-    try:
-        import modelopt  # noqa: F401  (Ultralytics' QAT backend)
-
-        report["ultralytics_qat"] = "modelopt installed but not run here (GPU recipe)"
-    except ImportError:
-        report["ultralytics_qat"] = "not run: train(quantize=8) needs nvidia-modelopt, not installed (offline)"
+    # one optimizer / lr / warmup for every training row, so they differ only in what they train
+    train_settings = {**QAT_TRAIN_DEFAULTS, **({"lr0": args.qat_lr0} if args.qat_lr0 is not None else {})}
+    report["settings"]["train_settings"] = train_settings
 
     # plain FP32 fine-tune with the QAT budget: separates "short fine-tune on few images" from "quantization"
     if args.qat and args.ft_baseline:
@@ -173,8 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
             from yolocomp.integration import train
 
             res = train(load_model(weights).float(), str(data), [], project=out, name="fp32_finetune",
-                        epochs=args.epochs, imgsz=args.imgsz, batch=16, fraction=args.qat_fraction, lr0=0.001,
-                        warmup_epochs=0, optimizer="SGD")
+                        epochs=args.epochs, imgsz=args.imgsz, batch=16, fraction=args.qat_fraction, **train_settings)
             add("fp32_finetune_same_budget", export_onnx(res.model.float().eval(), out / "fp32_finetune.onnx",
                                                          imgsz=args.imgsz))
         except Exception as e:
@@ -188,14 +221,22 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             rep = qat(str(weights), data, out / name, bits=max(wb, ab), weight_bits=wb, act_bits=ab,
                       epochs=args.epochs, imgsz=args.imgsz, batch=16, fraction=args.qat_fraction, export=True,
-                      evaluate_float=False, eval_images=args.val_images, lr0=0.001, warmup_epochs=0,
-                      optimizer="SGD", freeze_bn_epoch=args.freeze_bn_epoch)
+                      evaluate_float=False, eval_images=args.val_images, freeze_bn_epoch=args.freeze_bn_epoch,
+                      **train_settings)
             add(name, Path(rep["onnx"]), {"placement": "tensorrt", "export": rep["export"],
                                           "ap_fake_quant_torch": metrics(rep["ap_fake_quant"]),
+                                          "teacher": rep.get("teacher"), "label_loss": rep["label_loss"],
                                           "lint_findings": len(rep["lint"]), "train_s": rep["seconds"]})
         except Exception as e:
             traceback.print_exc()
             add(name, None, {"error": f"{type(e).__name__}: {e}"})
+
+    # Ultralytics' own QAT: train(quantize=8) (NVIDIA ModelOpt fake-quant with fixed max-calibrated ranges, BN live,
+    # head output convs left float, label loss) with the same epochs / images / batch / optimizer / lr as the QAT rows,
+    # then Ultralytics' export(format="onnx") of the QAT checkpoint (Q/DQ). ModelOpt is optional and never a yolocomp
+    # dependency; without it (or the huggingface_hub it imports) this row only records why it did not run.
+    if "8" in args.qat.split(","):
+        ul_qat_int8(args, data, weights, out, train_settings, add)
 
     lat = latency(onnx_paths, args.imgsz, args.runs, args.threads)
     base = lat["fp32"]["p50_ms"]

@@ -29,10 +29,22 @@ def calibration_images(data: str | Path, images: int = 256, split: str = "train"
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = yaml.safe_load(resolve_data(data, tmp).read_text())
-    root = Path(cfg["path"])
+    files = split_images(cfg, split, images)
+    if not files:
+        raise UserError(f"no images found for split '{split}' of {data}; check the yaml's paths")
+    return files
+
+
+def split_images(cfg: dict, split: str = "train", images: int | None = None) -> list[Path]:
+    """Up to ``images`` image paths (all when None) of a split of a data config whose ``path`` is absolute (a
+    resolved yaml, or Ultralytics' ``trainer.data``), spread evenly over the sorted list; [] when there are none.
+    Falls back to val when there is no such split."""
+    root = Path(cfg.get("path") or ".")
     entry = cfg.get(split) or cfg.get("val")
     files: list[Path] = []
     for e in entry if isinstance(entry, list) else [entry]:
+        if not e:
+            continue
         p = Path(e) if Path(e).is_absolute() else root / e
         if p.is_dir():
             files += [f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES]
@@ -40,8 +52,8 @@ def calibration_images(data: str | Path, images: int = 256, split: str = "train"
             for line in filter(None, (x.strip() for x in p.read_text().splitlines())):
                 files.append(p.parent / line[2:] if line.startswith("./") else (root / line))
     files = sorted(files)
-    if not files:
-        raise UserError(f"no images found for split '{split}' of {data}; check the yaml's paths")
+    if not files or images is None:
+        return files
     # spread the subset over the whole split (sorted lists are often grouped by source)
     idx = np.linspace(0, len(files) - 1, min(images, len(files))).round().astype(int)
     return [files[i] for i in sorted(set(idx.tolist()))]

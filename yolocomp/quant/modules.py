@@ -58,6 +58,8 @@ class QConv(nn.Module):
         """Precompute the folded, grid-rounded weight and folded bias as constants (export graphs stay clean)."""
         w, b = self.folded()
         wq = self.weight_quant
+        if wq.channels and not wq.learn and wq.enabled:
+            wq.init_from_weight(w.detach())  # a tracked weight range: the exported scale is the current weight's
         was = wq.export
         wq.export = False
         w = wq(w.detach()) if wq.enabled else w.detach()

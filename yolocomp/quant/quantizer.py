@@ -46,8 +46,9 @@ class Quantizer(nn.Module):
     decides the sign at calibration: unsigned when every observed value is >= 0 (images, ReLU outputs), else signed.
 
     Modes: ``enabled=False`` passes values through; ``observing=True`` passes through and records statistics for
-    calibration; ``learn=False`` keeps the step size fixed (plain observer quantization); ``export=True`` uses the
-    ONNX-exportable torch fake-quant ops.
+    calibration; ``learn=False`` learns no step size: a weight quantizer always uses its weight's current range
+    (max-abs, MSE clip below 8 bits), an activation quantizer tracks an EMA of the batch max-abs while training;
+    ``export=True`` uses the ONNX-exportable torch fake-quant ops.
     """
 
     def __init__(self, bits: int = 8, channels: int | None = None, signed: bool | None = True, learn: bool = True):
@@ -126,6 +127,15 @@ class Quantizer(nn.Module):
         if self.initialized.item() < 0.5:  # lazy init from the first batch (LSQ's rule for unseen activations)
             self._lazy_init(x)
         qn, qp = self.qrange
+        if self.channels and not self.learn and not self.export:
+            # weights with a tracked range: always the current weight's own range (max-abs, MSE clip below 8 bits),
+            # in training and evaluation alike, so nothing is stale; stored only while training (evaluation may run
+            # under inference_mode, whose tensors must not end up in the parameters)
+            step = weight_scales(x.detach(), qp, mse=self.bits < 8)
+            if self.training:
+                with torch.no_grad():
+                    self.scale.data.copy_(step.to(self.scale))
+            return self._fake_quant(x, qn, qp, step.view(-1, 1, 1, 1))
         if self.training and not self.learn and not self.export:
             self._track_range(x, qp)  # fixed-range alternative: ranges follow the data, no learned step
         if self.export or not (self.training and self.learn):
@@ -161,7 +171,7 @@ class Quantizer(nn.Module):
         self.register_buffer("export_zp", torch.zeros(s.shape, dtype=torch.int32, device=s.device), persistent=False)
         self.export = True
 
-    def _fake_quant(self, x: torch.Tensor, qn: int, qp: int) -> torch.Tensor:
+    def _fake_quant(self, x: torch.Tensor, qn: int, qp: int, step: torch.Tensor | None = None) -> torch.Tensor:
         """Fake quantization through the torch ops that export as ONNX QuantizeLinear/DequantizeLinear (8-bit
         containers: lower bit widths clamp to their own grid first, which keeps the result exact)."""
         lo, hi = (-128, 127) if self.is_signed else (0, 255)
@@ -170,7 +180,7 @@ class Quantizer(nn.Module):
             if self.bits < 8 and not self.channels:  # weights arrive pre-rounded to their 4-bit grid
                 x = torch.clamp(x, qn * float(s), qp * float(s))
         else:
-            s = self.step().detach()  # fixed grid here: LSQ's learning path is lsq_quantize
+            s = (self.step() if step is None else step).detach()  # fixed grid here: LSQ's path is lsq_quantize
             if self.bits < 8:
                 x = torch.clamp(x, qn * s, qp * s) if self.channels else torch.clamp(x, qn * s.item(), qp * s.item())
             s = s.reshape(-1 if self.channels else ()).float()
