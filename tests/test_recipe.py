@@ -100,3 +100,17 @@ def test_missing_and_broken_recipe_files(tmp_path):
     bad.write_text("model: [unclosed\n")
     with pytest.raises(UserError, match="not valid YAML"):
         rc.load(bad)
+
+
+def test_unset_optimizer_is_left_to_the_stage(tmp_path):
+    # QAT picks SGD with a small lr unless the recipe names an optimizer: a recipe default of Ultralytics' 'auto'
+    # would silently override that (auto ignores lr0 and picks AdamW for short runs)
+    from yolocomp.stages import _train_overrides
+
+    path = tmp_path / "r.yaml"
+    path.write_text("model: yolov8n.yaml\ndata: synthetic\nstages: {qat: {bits: 8, batch: 16}, train: "
+                    "{epochs: 1, optimizer: AdamW}}\n")
+    recipe = rc.load(path)
+    assert "optimizer" not in _train_overrides(recipe.stage("qat"))
+    assert _train_overrides(recipe.stage("qat"))["batch"] == 16
+    assert _train_overrides(recipe.stage("train"))["optimizer"] == "AdamW"

@@ -61,7 +61,7 @@ _TRAIN = {
     "fraction": (NUM, 1.0, _fraction, "use a share of the train set such as 0.25"),
     "lr0": (NUM, None, _positive, "use a learning rate such as 0.001"),
     "workers": (int, 0, _non_negative, "use a worker count such as 2"),
-    "optimizer": (str, "auto", None, "use an Ultralytics optimizer name such as SGD"),
+    "optimizer": (str, None, None, "use an Ultralytics optimizer name such as SGD"),  # unset: the stage decides
 }
 
 STAGES: dict[str, dict[str, tuple]] = {
