@@ -273,6 +273,15 @@ def test_qat_api_with_teacher_writes_checkpoint_and_report(synthetic_data, tmp_p
         qat(deepcopy(lively), synthetic_data, tmp_path / "bad", bits=6)
 
 
+def test_qat_learning_rate_default_depends_on_the_bit_width():
+    from yolocomp.quant.api import QAT_LOW_BIT_LR0, QAT_TRAIN_DEFAULTS, qat_train_defaults
+
+    assert qat_train_defaults(8, 8) == QAT_TRAIN_DEFAULTS
+    assert qat_train_defaults(4, 8)["lr0"] == qat_train_defaults(8, 4)["lr0"] == QAT_LOW_BIT_LR0
+    assert qat_train_defaults(8, 8, {"model.0": (4, 8)})["lr0"] == QAT_LOW_BIT_LR0
+    assert qat_train_defaults(8, 8, {"model.0": 8})["optimizer"] == "SGD"
+
+
 @pytest.mark.slow
 def test_qat_defaults_self_distil_without_label_loss(synthetic_data, tmp_path, lively):
     import csv

@@ -4,7 +4,8 @@ Rows: FP32 ONNX; PTQ INT8 with TensorRT-style symmetric Q/DQ for each calibrator
 flavour (uint8 activations, integer SiLU); QAT INT8 / W4A8 / W4A4 (full, heads included, TensorRT-style Q/DQ);
 Ultralytics' own ``export(format="onnx", quantize=8)`` and, where nvidia-modelopt is installed, ``train(quantize=8)``
 then ``export(format="onnx")``. QAT rows use qat()'s defaults (self-distillation from the FP32 weights, no label loss,
-BN frozen, SGD lr0=1e-4); the FP32 fine-tune and Ultralytics' QAT rows train with the same optimizer, lr and budget.
+BN frozen, SGD, lr0=1e-4 for INT8 and 1e-3 for 4 bits); the FP32 fine-tune and Ultralytics' QAT rows train with the
+INT8 QAT row's optimizer, lr and budget.
 AP/AP50/AP75 with ``yolocomp.eval.evaluate`` (ONNX Runtime); latency: ONNX Runtime CPU, batch 1, all models run
 round-robin in one process so machine load hits them alike; ratios are FP32 p50 / model p50.
 
@@ -99,8 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--qat", default="8,w4a8,w4a4", help="QAT variants to run ('' for none)")
     ap.add_argument("--freeze-bn-epoch", type=int, default=0, help="QAT: freeze BN statistics after N epochs (0: "
                     "from the start, best for the 1-epoch CPU budget)")
-    ap.add_argument("--qat-lr0", type=float, default=None, help="QAT (and the FP32 fine-tune, Ultralytics' QAT): lr0 "
-                    "(default: yolocomp.quant.api.QAT_TRAIN_DEFAULTS)")
+    ap.add_argument("--qat-lr0", type=float, default=None, help="lr0 of every training row (default: qat()'s, "
+                    "yolocomp.quant.api.qat_train_defaults: 1e-4, 1e-3 for the 4-bit QAT rows)")
     ap.add_argument("--ft-baseline", type=int, default=1, help="also run a plain FP32 fine-tune with the QAT budget")
     ap.add_argument("--calibrators", default="minmax,percentile,entropy,mse")
     ap.add_argument("--runs", type=int, default=30, help="latency runs per model")
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     from yolocomp.export.ort_check import integer_ops
     from yolocomp.export.ort_int8 import export_ort_int8
     from yolocomp.integration import load_model, mirror_dataset, resolve_data
-    from yolocomp.quant.api import QAT_TRAIN_DEFAULTS, qat
+    from yolocomp.quant.api import qat, qat_train_defaults
     from yolocomp.quant.calibrate import calibrate, calibration_images, image_batches
     from yolocomp.quant.convert import quantize_model
 
@@ -197,8 +198,10 @@ def main(argv: list[str] | None = None) -> dict:
         add("ultralytics_onnx_int8", Path(ul), {"placement": "ultralytics (onnxruntime quantize_static)"})
     except Exception as e:
         add("ultralytics_onnx_int8", None, {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"})
-    # one optimizer / lr / warmup for every training row, so they differ only in what they train
-    train_settings = {**QAT_TRAIN_DEFAULTS, **({"lr0": args.qat_lr0} if args.qat_lr0 is not None else {})}
+    # the INT8 QAT row's optimizer / lr / warmup for the FP32 fine-tune and Ultralytics' QAT too, so those rows differ
+    # only in what they train
+    lr_override = {"lr0": args.qat_lr0} if args.qat_lr0 is not None else {}
+    train_settings = {**qat_train_defaults(8, 8), **lr_override}
     report["settings"]["train_settings"] = train_settings
 
     # plain FP32 fine-tune with the QAT budget: separates "short fine-tune on few images" from "quantization"
@@ -222,10 +225,11 @@ def main(argv: list[str] | None = None) -> dict:
             rep = qat(str(weights), data, out / name, bits=max(wb, ab), weight_bits=wb, act_bits=ab,
                       epochs=args.epochs, imgsz=args.imgsz, batch=16, fraction=args.qat_fraction, export=True,
                       evaluate_float=False, eval_images=args.val_images, freeze_bn_epoch=args.freeze_bn_epoch,
-                      **train_settings)
+                      **lr_override)
             add(name, Path(rep["onnx"]), {"placement": "tensorrt", "export": rep["export"],
                                           "ap_fake_quant_torch": metrics(rep["ap_fake_quant"]),
                                           "teacher": rep.get("teacher"), "label_loss": rep["label_loss"],
+                                          "train_settings": rep["train_settings"],
                                           "lint_findings": len(rep["lint"]), "train_s": rep["seconds"]})
         except Exception as e:
             traceback.print_exc()
