@@ -55,6 +55,8 @@ def ul_qat_int8(args: argparse.Namespace, data: Path, weights: Path, out: Path, 
     """The ``ultralytics_qat_int8`` row (or its error row)."""
     import importlib.util
 
+    from yolocomp.errors import first_line
+
     missing = [m for m in ("modelopt", "huggingface_hub") if importlib.util.find_spec(m) is None]
     if missing:  # checked here: Ultralytics would otherwise try to pip-install them at run time
         add("ultralytics_qat_int8", None, {"error": f"not run: train(quantize=8) needs nvidia-modelopt and "
@@ -81,7 +83,7 @@ def ul_qat_int8(args: argparse.Namespace, data: Path, weights: Path, out: Path, 
                                                  "modelopt": version("nvidia-modelopt"), "train_s": train_s})
     except Exception as e:
         traceback.print_exc()
-        add("ultralytics_qat_int8", None, {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"})
+        add("ultralytics_qat_int8", None, {"error": f"{type(e).__name__}: {first_line(e, 300)}"})
 
 
 def metrics(result: dict) -> dict:
@@ -114,6 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
+    from yolocomp.errors import first_line
     from yolocomp.eval import evaluate
     from yolocomp.export.lint import lint_qdq
     from yolocomp.export.onnx_qdq import export_onnx
@@ -157,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
                 row.update(metrics(evaluate(eval_model, data, imgsz=args.imgsz, images=args.val_images,
                                             progress=False)))
         except Exception as e:  # one failing variant must not lose the others
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            row["error"] = f"{type(e).__name__}: {first_line(e, 300)}"
             traceback.print_exc()
         row["eval_s"] = round(time.time() - t, 1)
         report["rows"].append(row)
@@ -197,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
                                        fraction=min(1.0, args.images / 288), verbose=False)
         add("ultralytics_onnx_int8", Path(ul), {"placement": "ultralytics (onnxruntime quantize_static)"})
     except Exception as e:
-        add("ultralytics_onnx_int8", None, {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"})
+        add("ultralytics_onnx_int8", None, {"error": f"{type(e).__name__}: {first_line(e, 300)}"})
     # the INT8 QAT row's optimizer / lr / warmup for the FP32 fine-tune and Ultralytics' QAT too, so those rows differ
     # only in what they train
     lr_override = {"lr0": args.qat_lr0} if args.qat_lr0 is not None else {}

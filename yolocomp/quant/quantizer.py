@@ -137,7 +137,7 @@ class Quantizer(nn.Module):
                     self.scale.data.copy_(step.to(self.scale))
             return self._fake_quant(x, qn, qp, step.view(-1, 1, 1, 1))
         if self.training and not self.learn and not self.export:
-            self._track_range(x, qp)  # fixed-range alternative: ranges follow the data, no learned step
+            self._track_range(x, qp)  # activations' fixed-range alternative: the range follows the data
         if self.export or not (self.training and self.learn):
             return self._fake_quant(x, qn, qp)
         n = x.numel() / (self.channels or 1)
@@ -145,10 +145,8 @@ class Quantizer(nn.Module):
 
     @torch.no_grad()
     def _track_range(self, x: torch.Tensor, qp: int) -> None:
-        if self.channels:  # weights: current per-channel max-abs (or MSE clip for low bits)
-            self.scale.data = weight_scales(x, qp, mse=self.bits < 8).to(self.scale)
-        else:  # activations: EMA of the per-batch max-abs
-            self.scale.data.mul_(0.99).add_(0.01 * x.abs().max() / qp)
+        """Activations: EMA of the per-batch max-abs (weights with a tracked range are handled in forward)."""
+        self.scale.data.mul_(0.99).add_(0.01 * x.abs().max() / qp)
 
     def _lazy_init(self, x: torch.Tensor) -> None:
         if self.channels:
