@@ -183,10 +183,12 @@ def qat(model: Any, data: str | Path, out: str | Path, bits: int = 8, epochs: in
                                        calib_images=calib_images)
     methods: list = [method]
     self_teacher = isinstance(teacher, str) and teacher == "self"
+    # read once: the student's start and the self-distillation teacher are copies of the same float model
+    loaded = load_model(model) if self_teacher or resume is None else None
     if self_teacher:
         from yolocomp.quant.modules import quant_convs
 
-        teacher = deepcopy(load_model(model)).float()  # the caller's model stays untouched
+        teacher = deepcopy(loaded).float()  # the caller's model stays untouched
         if quant_convs(teacher):  # already quantized: no float reference to distil from
             teacher, self_teacher = None, False
     if label_loss is None:
@@ -211,7 +213,7 @@ def qat(model: Any, data: str | Path, out: str | Path, bits: int = 8, epochs: in
     report["train_settings"] = {k: train_overrides[k] for k in sorted(train_overrides)}
     m = None
     if resume is None:
-        m = deepcopy(load_model(model)).float()
+        m = deepcopy(loaded).float()
         if evaluate_float:
             report["ap_float"] = _metrics(evaluate(m, data_abs, imgsz=imgsz, device=device, images=eval_images))
         method.prepare(m)  # so exclusions are validated before training starts
