@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
     onnx_files: dict[str, str] = {}
     flops_targets: dict[float, float] = {}  # ratio -> FLOPs reduction of the first method (--same-flops)
+    plain, plain_ap = None, None  # --equal-budget: the plainly trained model L1 and random share
 
     def export(model, tag: str) -> None:
         onnx_files[tag] = export_onnx(model, args.imgsz, work / f"lat_{tag}")
@@ -157,9 +158,12 @@ def main(argv: list[str] | None = None) -> int:
             importance = cap.scores()
             result["importance_training"]["cap"] = {"batches": cap.batches, **ap_of(source)}
         elif method in {"l1", "random"} and args.pre_epochs and args.equal_budget:
-            source = train(deepcopy(base), train_data, [], project=work, name=f"{method}_plain",
-                           epochs=args.pre_epochs, **train_args).model
-            result["importance_training"][method] = ap_of(source)
+            if plain is None:  # L1 and random rank the same plainly trained model: train it once
+                plain = train(deepcopy(base), train_data, [], project=work, name="plain",
+                              epochs=args.pre_epochs, **train_args).model
+                plain_ap = ap_of(plain)
+            source = plain
+            result["importance_training"][method] = plain_ap
         for ratio in ratios:
             target = {"ratio": ratio} if ratio not in flops_targets else {"flops_reduction": flops_targets[ratio]}
             pruned, summary = prune_model(source, method=method, importance=importance, imgsz=args.imgsz,
