@@ -1,4 +1,4 @@
-"""CLI: help for every subcommand, exit codes, one-line errors, 'not built' stages."""
+"""CLI: help for every subcommand, exit codes, one-line errors."""
 
 import subprocess
 import sys
@@ -69,23 +69,3 @@ def test_run_with_missing_data_exit_2(tmp_path, capsys):
     recipe.write_text("model: yolov8n.yaml\ndata: nowhere/data.yaml\nstages: {train: {epochs: 1}}\n")
     assert main(["run", str(recipe), "--out", str(tmp_path / "run")]) == 2
     assert "data = nowhere/data.yaml not found" in _error_lines(capsys)[0]
-
-
-def test_unbuilt_method_says_so_and_exits_nonzero(monkeypatch, tmp_path, capsys):
-    # Simulate a build without the quantization package: the command must say so plainly, not fake a result.
-    monkeypatch.setitem(sys.modules, "yolocomp.quant.api", None)
-    code = main(["ptq", "--model", "yolov8n.yaml", "--data", "synthetic", "--out", str(tmp_path / "o")])
-    assert code == 2
-    err = capsys.readouterr().err
-    assert "not built yet" in err and "post-training quantization" in err
-    assert not list((tmp_path / "o").glob("*.onnx"))
-
-
-def test_run_with_unbuilt_stage_fails_instead_of_skipping(monkeypatch, tmp_path, capsys):
-    monkeypatch.setitem(sys.modules, "yolocomp.quant.api", None)
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("model: yolov8n.yaml\ndata: synthetic\nimgsz: 64\nstages: {ptq: {images: 4}}\n")
-    assert main(["run", str(recipe), "--out", str(tmp_path / "run")]) == 2
-    lines = _error_lines(capsys)
-    assert len(lines) == 1 and "not built yet" in lines[0] and "post-training quantization" in lines[0]
-    assert not (tmp_path / "run" / "report.json").exists()  # no report that silently leaves the stage out

@@ -352,7 +352,7 @@ def test_cpu_infer_real_yolov8n(tmp_path):
 def test_cpu_infer_on_yolocomp_int8_exports(models, tmp_path):
     """The deploy script runs on yolocomp's own INT8 artifacts (TensorRT-style Q/DQ and the ORT integer flavour) and
     finds the same detections as yolocomp.eval's pipeline on them."""
-    from yolocomp.quant.api import ptq
+    from yolocomp.commands.ptq import ptq
 
     data = models["val"].parents[1] / "data.yaml"
     out = tmp_path / "ptq"

@@ -216,7 +216,7 @@ def test_teacher_mismatches_are_refused(models, tmp_path):
         FineGrainedImitation("t.pt", psi=1.5)
     with pytest.raises(UserError, match="negative"):
         FGD("t.pt", alpha=-1)
-    from yolocomp.distill.api import make_method
+    from yolocomp.commands.distill import make_method
 
     with pytest.raises(UserError, match="unknown distillation method"):
         make_method("mimic", "t.pt")
@@ -268,7 +268,7 @@ def test_one_epoch_distillation_writes_loss_columns_and_a_clean_student(tiny_set
     from ultralytics import YOLO
     from ultralytics.nn.tasks import DetectionModel
 
-    from yolocomp.distill.api import distill
+    from yolocomp.commands.distill import distill
 
     root, data, teacher = tiny_setup
     out = root / f"out_{method}"

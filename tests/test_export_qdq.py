@@ -173,8 +173,8 @@ def test_quantizers_off_give_the_float_detector_back(int8, float_model):
 
 @pytest.mark.slow
 def test_ptq_api_writes_onnx_and_report(synthetic_data, tmp_path):
+    from yolocomp.commands.ptq import ptq
     from yolocomp.errors import UserError
-    from yolocomp.quant.api import ptq
 
     model = lively_detector()
     report = ptq(model, synthetic_data, tmp_path, calibrator="entropy", images=8, imgsz=IMGSZ, sensitivity=True,

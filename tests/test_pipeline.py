@@ -13,9 +13,9 @@ import torch
 import yaml
 
 from yolocomp import recipe as rc
+from yolocomp.commands.run import run
 from yolocomp.errors import UserError
 from yolocomp.integration.ultralytics import is_resumable
-from yolocomp.pipeline import run
 
 pytestmark = pytest.mark.slow
 

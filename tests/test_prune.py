@@ -312,7 +312,7 @@ def test_cap_gates_are_identity_then_prune_and_vanish():
 def test_prune_api_bn_with_sparsity_and_finetune(tmp_path, prune_data):
     import json
 
-    from yolocomp.prune.api import prune
+    from yolocomp.commands.prune import prune
 
     src = save_model(randomized("yolov8n.yaml"), tmp_path / "src.pt")
     out = tmp_path / "out"
@@ -338,7 +338,7 @@ def test_prune_api_bn_with_sparsity_and_finetune(tmp_path, prune_data):
 def test_prune_api_cap_and_bad_inputs(tmp_path, prune_data):
     from ultralytics import YOLO
 
-    from yolocomp.prune.api import prune
+    from yolocomp.commands.prune import prune
 
     src = save_model(randomized("yolov5n.yaml"), tmp_path / "src.pt")
     out = tmp_path / "cap"
@@ -347,7 +347,7 @@ def test_prune_api_cap_and_bad_inputs(tmp_path, prune_data):
     assert report["notes"] and report["params"]["after"] < report["params"]["before"]
     loaded = YOLO(str(out / "pruned.pt")).model
     assert count_params(loaded) == report["params"]["after"]
-    with pytest.raises(UserError, match="--method"):
+    with pytest.raises(UserError, match="method = 'magic' is not one of bn, cap, l1, random"):
         prune(str(src), tmp_path / "x", method="magic")
     with pytest.raises(UserError, match="need --data"):
         prune(str(src), tmp_path / "x", method="bn", sparsity_epochs=1)

@@ -259,8 +259,8 @@ def test_one_qat_epoch_on_synthetic_data(synthetic_data, tmp_path, lively):
 
 @pytest.mark.slow
 def test_qat_api_with_teacher_writes_checkpoint_and_report(synthetic_data, tmp_path, lively):
+    from yolocomp.commands.qat import qat
     from yolocomp.integration import load_model
-    from yolocomp.quant.api import qat
 
     report = qat(deepcopy(lively), synthetic_data, tmp_path, bits=8, epochs=1, imgsz=64, batch=8, teacher=lively,
                  evaluate_float=False, calibrator="minmax")
@@ -274,7 +274,7 @@ def test_qat_api_with_teacher_writes_checkpoint_and_report(synthetic_data, tmp_p
 
 
 def test_qat_learning_rate_default_depends_on_the_bit_width():
-    from yolocomp.quant.api import QAT_LOW_BIT_LR0, QAT_TRAIN_DEFAULTS, qat_train_defaults
+    from yolocomp.config import QAT_LOW_BIT_LR0, QAT_TRAIN_DEFAULTS, qat_train_defaults
 
     assert qat_train_defaults(8, 8) == QAT_TRAIN_DEFAULTS
     assert qat_train_defaults(4, 8)["lr0"] == qat_train_defaults(8, 4)["lr0"] == QAT_LOW_BIT_LR0
@@ -286,7 +286,8 @@ def test_qat_learning_rate_default_depends_on_the_bit_width():
 def test_qat_defaults_self_distil_without_label_loss(synthetic_data, tmp_path, lively):
     import csv
 
-    from yolocomp.quant.api import QAT_TRAIN_DEFAULTS, qat
+    from yolocomp.commands.qat import qat
+    from yolocomp.config import QAT_TRAIN_DEFAULTS
 
     model = deepcopy(lively)
     report = qat(model, synthetic_data, tmp_path, bits=8, epochs=1, imgsz=64, batch=8, evaluate_float=False)

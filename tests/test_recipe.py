@@ -66,15 +66,15 @@ def test_cli_flags_override_recipe(tmp_path):
     data = tmp_path / "my.yaml"
     data.write_text("path: .\nval: .\nnames: {0: a}\n")
     recipe = rc.load(CONFIGS / "yolov5s.yaml", {"prune.ratio": 0.4, "data": str(data), "imgsz": None})
-    assert recipe.stage("prune")["ratio"] == 0.4
+    assert recipe.stage("prune").ratio == 0.4
     assert recipe.data == str(data)
     assert recipe.imgsz == 640  # None = flag not given, recipe value kept
-    assert recipe.stage("prune")["sparsity_epochs"] == 30  # untouched recipe values survive
+    assert recipe.stage("prune").sparsity_epochs == 30  # untouched recipe values survive
 
 
 def test_flops_flag_replaces_ratio(tmp_path):
     recipe = rc.load(CONFIGS / "yolov8n.yaml", {"prune.flops_reduction": 0.35})
-    assert recipe.stage("prune")["flops_reduction"] == 0.35
+    assert recipe.stage("prune").flops_reduction == 0.35
     assert "ratio" not in recipe.stages["prune"]
 
 
@@ -89,8 +89,8 @@ def test_plain_model_yaml_gets_default_recipe(tmp_path):
     model_yaml = Path(ultralytics.__file__).parent / "cfg" / "models" / "v8" / "yolov8.yaml"
     recipe = rc.load(model_yaml, {"prune.ratio": 0.2})
     assert recipe.model == str(model_yaml)
-    assert recipe.stage("prune")["ratio"] == 0.2
-    assert recipe.stage("qat")["bits"] == 8  # defaults fill stages the recipe does not list
+    assert recipe.stage("prune").ratio == 0.2
+    assert recipe.stage("qat").bits == 8  # defaults fill stages the recipe does not list
 
 
 def test_missing_and_broken_recipe_files(tmp_path):
@@ -105,12 +105,10 @@ def test_missing_and_broken_recipe_files(tmp_path):
 def test_unset_optimizer_is_left_to_the_stage(tmp_path):
     # QAT picks SGD with a small lr unless the recipe names an optimizer: a recipe default of Ultralytics' 'auto'
     # would silently override that (auto ignores lr0 and picks AdamW for short runs)
-    from yolocomp.stages import _train_overrides
-
     path = tmp_path / "r.yaml"
     path.write_text("model: yolov8n.yaml\ndata: synthetic\nstages: {qat: {bits: 8, batch: 16}, train: "
                     "{epochs: 1, optimizer: AdamW}}\n")
     recipe = rc.load(path)
-    assert "optimizer" not in _train_overrides(recipe.stage("qat"))
-    assert _train_overrides(recipe.stage("qat"))["batch"] == 16
-    assert _train_overrides(recipe.stage("train"))["optimizer"] == "AdamW"
+    assert "optimizer" not in recipe.stage("qat").trainer_overrides()
+    assert recipe.stage("qat").trainer_overrides()["batch"] == 16
+    assert recipe.stage("train").trainer_overrides()["optimizer"] == "AdamW"

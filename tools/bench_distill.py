@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--skip-teacher-eval", action="store_true", help="do not evaluate the unpruned teacher (saves one val pass)")
     args = p.parse_args(argv)
 
-    from yolocomp.distill.api import make_method, read_loss_columns
+    from yolocomp.commands.distill import make_method, read_loss_columns
     from yolocomp.errors import UserError
     from yolocomp.eval import evaluate
     from yolocomp.integration import load_model, mirror_dataset, resolve_data, save_model, train

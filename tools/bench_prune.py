@@ -78,10 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     if not weights.exists() or not data.exists():
         print(f"needs {weights} and {data} (the shared real weights and coco-real)", file=sys.stderr)
         return 2
+    from yolocomp.commands.prune import export_onnx, time_onnx
     from yolocomp.eval import evaluate
     from yolocomp.integration import load_model, mirror_dataset, resolve_data, train
     from yolocomp.prune import count_params, gflops, prune_model
-    from yolocomp.prune.api import export_onnx, time_onnx
     from yolocomp.prune.cap import ChannelAttentionPruning
     from yolocomp.prune.compensate import calibration_images
     from yolocomp.prune.slimming import BNSlimming

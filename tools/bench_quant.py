@@ -21,7 +21,6 @@ import shutil
 import sys
 import time
 import traceback
-from copy import deepcopy
 from pathlib import Path
 
 import numpy as np
@@ -103,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--freeze-bn-epoch", type=int, default=0, help="QAT: freeze BN statistics after N epochs (0: "
                     "from the start, best for the 1-epoch CPU budget)")
     ap.add_argument("--qat-lr0", type=float, default=None, help="lr0 of every training row (default: qat()'s, "
-                    "yolocomp.quant.api.qat_train_defaults: 1e-4, 1e-3 for the 4-bit QAT rows)")
+                    "yolocomp.config.qat_train_defaults: 1e-4, 1e-3 for the 4-bit QAT rows)")
     ap.add_argument("--ft-baseline", type=int, default=1, help="also run a plain FP32 fine-tune with the QAT budget")
     ap.add_argument("--calibrators", default="minmax,percentile,entropy,mse")
     ap.add_argument("--runs", type=int, default=30, help="latency runs per model")
@@ -116,16 +115,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
+    from yolocomp.commands.ptq import ptq
+    from yolocomp.commands.qat import qat
+    from yolocomp.config import qat_train_defaults
     from yolocomp.errors import first_line
     from yolocomp.eval import evaluate
-    from yolocomp.export.lint import lint_qdq
     from yolocomp.export.onnx_qdq import export_onnx
     from yolocomp.export.ort_check import integer_ops
-    from yolocomp.export.ort_int8 import export_ort_int8
     from yolocomp.integration import load_model, mirror_dataset, resolve_data
-    from yolocomp.quant.api import qat, qat_train_defaults
-    from yolocomp.quant.calibrate import calibrate, calibration_images, image_batches
-    from yolocomp.quant.convert import quantize_model
 
     torch.set_num_threads(2)
     out = Path(args.out)
@@ -168,29 +165,21 @@ def main(argv: list[str] | None = None) -> dict:
         (out / "bench_quant.json").write_text(json.dumps(report, indent=2, default=str))
 
     float_model = load_model(weights).float().eval()
-    calib = calibration_images(data, args.images)
-    batches = list(image_batches(calib, args.imgsz, 8))
 
     add("fp32", export_onnx(float_model, out / "fp32.onnx", imgsz=args.imgsz))
 
-    # PTQ, TensorRT-style symmetric Q/DQ (what `yolocomp ptq` writes)
+    # PTQ exactly as `yolocomp ptq` runs it: the TensorRT-layout Q/DQ file, and for two calibrators also the ONNX
+    # Runtime flavour (uint8 asymmetric activations, integer SiLU); AP of both measured below, in ONNX Runtime
     for cal in [c for c in args.calibrators.split(",") if c]:
         try:
-            qm = deepcopy(float_model)
-            quantize_model(qm)
-            calibrate(qm, batches, cal, progress=False)
-            path = export_onnx(qm, out / f"ptq_{cal}_int8.onnx", imgsz=args.imgsz)
-            add(f"ptq_{cal}", path, {"placement": "tensorrt", "lint_findings": len(lint_qdq(path))})
+            rep = ptq(weights, data, out / f"ptq_{cal}", imgsz=args.imgsz, evaluate=False, calibrator=cal,
+                      images=args.images, batch=8, ort=cal in ("percentile", "entropy"))
+            add(f"ptq_{cal}", Path(rep["onnx"]), {"placement": "tensorrt", "lint_findings": len(rep["lint"])})
+            if "ort_flavour" in rep:
+                add(f"ptq_{cal}_ort", Path(rep["ort_flavour"]["onnx"]),
+                    {"placement": "onnxruntime (uint8 asym, via onnxruntime.quantization)"})
         except Exception as e:
-            add(f"ptq_{cal}", None, {"error": f"{type(e).__name__}: {e}"})
-
-    # PTQ, ONNX Runtime flavour (uint8 asymmetric activations, integer SiLU)
-    for cal in ("percentile", "entropy"):
-        try:
-            path = export_ort_int8(float_model, out / f"ptq_{cal}_ort_int8.onnx", batches, args.imgsz, cal)
-            add(f"ptq_{cal}_ort", path, {"placement": "onnxruntime (uint8 asym, via onnxruntime.quantization)"})
-        except Exception as e:
-            add(f"ptq_{cal}_ort", None, {"error": f"{type(e).__name__}: {e}"})
+            add(f"ptq_{cal}", None, {"error": f"{type(e).__name__}: {first_line(e, 300)}"})
 
     # Ultralytics' own INT8 ONNX export
     try:
@@ -257,14 +246,11 @@ def main(argv: list[str] | None = None) -> dict:
             row["ap_delta_vs_fp32"] = round(row["ap"] - fp["ap"], 2)
     if args.latency_imgsz:
         size = args.latency_imgsz
-        few = list(image_batches(calib[:16], size, 8))
         paths = {"fp32": export_onnx(float_model, out / f"fp32_{size}.onnx", imgsz=size)}
-        qm = deepcopy(float_model)
-        quantize_model(qm)
-        calibrate(qm, few, "percentile", progress=False)
-        paths["ptq_int8_tensorrt_placement"] = export_onnx(qm, out / f"ptq_int8_{size}.onnx", imgsz=size)
-        paths["ptq_int8_ort_flavour"] = export_ort_int8(float_model, out / f"ptq_int8_ort_{size}.onnx", few, size,
-                                                        "percentile")
+        rep = ptq(weights, data, out / f"ptq_{size}", imgsz=size, evaluate=False, calibrator="percentile", images=16,
+                  batch=8, ort=True)  # latency only: a few calibration images suffice
+        paths["ptq_int8_tensorrt_placement"] = Path(rep["onnx"])
+        paths["ptq_int8_ort_flavour"] = Path(rep["ort_flavour"]["onnx"])
         lat_big = latency(paths, size, max(10, args.runs // 2), args.threads)
         report[f"latency_{size}"] = {n: {**v, "speedup_vs_fp32": round(lat_big["fp32"]["p50_ms"] / v["p50_ms"], 2)}
                                      for n, v in lat_big.items()}

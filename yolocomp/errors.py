@@ -5,10 +5,6 @@ class UserError(Exception):
     """A bad input (missing file, wrong model, impossible value); the message names the problem and the fix."""
 
 
-class NotBuiltError(UserError):
-    """A stage whose method is not implemented yet; the CLI says so plainly and exits non-zero."""
-
-
 def first_line(error: BaseException, limit: int = 200) -> str:
     """The first non-empty line of an exception's message (libraries often raise multi-line ones), or its type name;
     errors we show stay one line."""

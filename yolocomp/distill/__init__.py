@@ -1,6 +1,6 @@
 """Detection knowledge distillation: fine-grained feature imitation, FGD, head-level KD (teacher, taps, adapters).
 
-Use from the CLI (``yolocomp distill``, :func:`yolocomp.distill.api.distill`) or in your own training::
+Use from the CLI (``yolocomp distill``, :func:`yolocomp.commands.distill.distill`) or in your own training::
 
     from ultralytics import YOLO
     import yolocomp

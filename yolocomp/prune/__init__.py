@@ -1,7 +1,7 @@
 """Structural pruning of backbone and neck: BN-γ network slimming, CAP channel attention, L1 and random baselines.
 
 ``prune_model`` prunes an in-memory Ultralytics DetectionModel; ``BNSlimming`` and ``ChannelAttentionPruning`` are
-training methods (``yolocomp.integration.attach`` / ``train``); ``yolocomp.prune.api.prune`` is the CLI pipeline.
+training methods (``yolocomp.integration.attach`` / ``train``); ``yolocomp.commands.prune.prune`` is the CLI pipeline.
 """
 
 from yolocomp.prune.cap import ChannelAttentionPruning

@@ -12,7 +12,7 @@ import math
 import numpy as np
 import torch
 
-CALIBRATORS = ("minmax", "percentile", "entropy", "mse")
+from yolocomp.config.ptq import CALIBRATORS  # the option vocabulary is defined once, in the stage config
 
 
 class HistogramObserver:

@@ -10,10 +10,12 @@ from typing import Any
 
 from torch import nn
 
+from yolocomp.commands.common import StageResult, size_mb
+from yolocomp.config import PruneConfig
+from yolocomp.config.options import settings
 from yolocomp.errors import UserError
 from yolocomp.prune.pruner import count_params, gflops, prune_model
-
-METHODS = ("bn", "cap", "l1", "random")
+from yolocomp.recipe import Recipe, stage_config
 
 
 def export_onnx(model: nn.Module, imgsz: int, workdir: Path) -> str:
@@ -62,54 +64,34 @@ def _evaluate(model: Any, data: str | None, imgsz: int, device: str, batch: int)
     if data is None:
         return None
     from yolocomp.eval import evaluate
+    from yolocomp.eval.metrics import ap_summary
 
-    r = evaluate(model, data, imgsz=imgsz, device=device, batch=batch, progress=False)
-    return {k: r[k] for k in ("ap", "ap50", "ap75", "aps", "apm", "apl", "ar100", "images")}
-
-
-def _size_mb(path: Path) -> float:
-    return round(path.stat().st_size / 1e6, 3)
+    return ap_summary(evaluate(model, data, imgsz=imgsz, device=device, batch=batch, progress=False), extra=("images",))
 
 
 def prune(
     model: str | Path | nn.Module,
     out: str | Path,
     data: str | Path | None = None,
-    method: str = "bn",
-    ratio: float | None = None,
-    flops_reduction: float | None = None,
-    sparsity_epochs: int = 0,
-    finetune_epochs: int = 0,
-    s: float = 1e-4,
-    s_schedule: str = "constant",
+    *,
     imgsz: int = 640,
-    batch: int = 16,
-    fraction: float = 1.0,
     device: str = "cpu",
-    min_channels: int = 8,
-    round_to: int = 8,
-    ignore: tuple[int, ...] = (),
     evaluate: bool = True,
     latency: bool = True,
-    attention: str = "eca",
-    max_layer_ratio: float | None = None,
-    **train_overrides: Any,
+    config: PruneConfig | None = None,
+    **options: Any,
 ) -> dict:
-    """Run the pruning pipeline and write ``out/pruned.pt`` (+ ``finetuned.pt``), ``report.json``, ``report.md``."""
+    """Run the pruning pipeline and write ``out/pruned.pt`` (+ ``finetuned.pt``), ``report.json``, ``report.md``;
+    ``options`` are :class:`~yolocomp.config.PruneConfig`'s."""
     from yolocomp.integration import load_model, resolve_data, save_model, train
     from yolocomp.prune.cap import ChannelAttentionPruning
     from yolocomp.prune.compensate import calibration_images
     from yolocomp.prune.slimming import BNSlimming
 
-    if method not in METHODS:
-        raise UserError(f"--method {method} unknown; choose one of {', '.join(METHODS)}")
-    if ratio is None and flops_reduction is None:
-        ratio = 0.3
-    for name, v in (("ratio", ratio), ("flops-reduction", flops_reduction)):
-        if v is not None and not 0.0 < v < 1.0:
-            raise UserError(f"--{name} {v} is outside (0, 1); pick e.g. 0.3")
-    if ratio is not None and flops_reduction is not None:
-        raise UserError("give --ratio or --flops-reduction, not both")
+    cfg = config or stage_config("prune", options)
+    method, target = cfg.method, cfg.target()
+    sparsity_epochs, finetune_epochs, batch = cfg.sparsity_epochs, cfg.finetune_epochs, cfg.batch
+    ignore = tuple(cfg.ignore)
     notes: list[str] = []
     if method == "cap" and sparsity_epochs < 1:
         sparsity_epochs = 1
@@ -126,7 +108,7 @@ def prune(
     eval_data = data_abs if evaluate else None
     original = load_model(model)
     source = str(model) if not isinstance(model, nn.Module) else getattr(model, "pt_path", "<in-memory>")
-    train_args = {"imgsz": imgsz, "batch": batch, "fraction": fraction, "device": device, **train_overrides}
+    train_args = {"imgsz": imgsz, "device": device, **cfg.trainer_overrides()}
     t0 = time.perf_counter()
 
     calib = calibration_images(data_abs, imgsz) if data_abs is not None else None
@@ -134,20 +116,20 @@ def prune(
     trained = original
     history = None
     if method == "bn" and sparsity_epochs:
-        slim = BNSlimming(s=s, schedule=s_schedule, ignore=ignore, imgsz=imgsz)
+        slim = BNSlimming(s=cfg.s, schedule=cfg.s_schedule, ignore=ignore, imgsz=imgsz)
         res = train(deepcopy(original), data_abs, [slim], project=out, name="sparsity", epochs=sparsity_epochs, **train_args)
         trained, history = res.model, slim.history
         ap["after_sparsity"] = _evaluate(trained, eval_data, imgsz, device, batch)
     if method == "cap":
-        cap = ChannelAttentionPruning(ratio=ratio, flops_reduction=flops_reduction, attention=attention,
-                                      min_channels=min_channels, round_to=round_to, ignore=ignore, imgsz=imgsz,
-                                      calib=calib, max_layer_ratio=max_layer_ratio)
+        cap = ChannelAttentionPruning(**target, attention=cfg.attention, min_channels=cfg.min_channels,
+                                      round_to=cfg.round_to, ignore=ignore, imgsz=imgsz, calib=calib,
+                                      max_layer_ratio=cfg.max_layer_ratio)
         res = train(deepcopy(original), data_abs, [cap], project=out, name="attention", epochs=sparsity_epochs, **train_args)
         pruned, summary = res.model, cap.summary
     else:
-        pruned, summary = prune_model(trained, ratio=ratio, flops_reduction=flops_reduction, method=method,
-                                      min_channels=min_channels, round_to=round_to, ignore=ignore, imgsz=imgsz,
-                                      calib=calib, max_layer_ratio=max_layer_ratio)
+        pruned, summary = prune_model(trained, **target, method=method, min_channels=cfg.min_channels,
+                                      round_to=cfg.round_to, ignore=ignore, imgsz=imgsz, calib=calib,
+                                      max_layer_ratio=cfg.max_layer_ratio)
     pruned_path = save_model(pruned, out / "pruned.pt", extra={"prune": {k: summary[k] for k in ("method", "target", "achieved")}})
     ap["pruned"] = _evaluate(pruned, eval_data, imgsz, device, batch)
 
@@ -166,7 +148,7 @@ def prune(
     rows = []
     for stage, (m, path) in models.items():
         row = {"model": stage, "params": count_params(m), "gflops": round(gflops(m, imgsz), 3),
-               "size_mb": _size_mb(path) if path else None}
+               "size_mb": size_mb(path) if path else None}
         if latency:
             row["latency_ms_p50"] = lat[stage]
         a = ap.get(stage)
@@ -192,9 +174,8 @@ def prune(
         "gamma_history": history,
         "files": {k: str(p) for k, (_, p) in models.items() if p},
         "notes": notes,
-        "settings": {"data": str(data) if data else None, "imgsz": imgsz, "sparsity_epochs": sparsity_epochs,
-                     "finetune_epochs": finetune_epochs, "s": s, "s_schedule": s_schedule, "batch": batch,
-                     "fraction": fraction, "device": device, **summary["settings"]},
+        "settings": {**settings(cfg), "data": str(data) if data else None, "imgsz": imgsz, "device": device,
+                     "sparsity_epochs": sparsity_epochs, **summary["settings"]},
         "seconds": round(time.perf_counter() - t0, 1),
     }
     write_report(out, report)
@@ -217,3 +198,18 @@ def write_report(out: Path, report: dict) -> None:
         md += ["\n## Notes\n", *[f"- {n}" for n in report["notes"]]]
     (out / "report.md").write_text("\n".join(md) + "\n")
     print_table(report["models"], f"yolocomp prune ({report['method']})")
+
+
+def run_stage(recipe: Recipe, model: str, out: Path, data: Path | None, reference: str | None,
+              evaluate: bool = True) -> StageResult:
+    cfg = recipe.stage("prune")
+    needs_training = cfg.sparsity_epochs > 0 or cfg.finetune_epochs > 0 or cfg.method == "cap"
+    if needs_training and data is None:
+        raise UserError("pruning with sparsity/attention training or fine-tuning needs data: pass --data")
+    # inside `yolocomp run` the run measures every stage's model itself
+    report = prune(model, out, str(data) if data else None, imgsz=recipe.imgsz, device=recipe.device,
+                   evaluate=evaluate, latency=evaluate, config=cfg)
+    artifacts = {"pruned": str(out / "pruned.pt")}
+    if (out / "finetuned.pt").exists():
+        artifacts["finetuned"] = str(out / "finetuned.pt")
+    return StageResult("prune", list(artifacts.values())[-1], artifacts, report)

@@ -20,22 +20,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-from yolocomp.api import require, resolve_data
+from yolocomp.commands import STAGE_RUNNERS
+from yolocomp.commands.common import StageResult, recipe_data
+from yolocomp.config.options import settings
 from yolocomp.errors import UserError
 from yolocomp.integration.ultralytics import resume_interrupted
 from yolocomp.recipe import BRANCH_STAGES, MODEL_STAGES, Recipe
 from yolocomp.report import pareto_plot, print_table, write_json, write_report
-from yolocomp.stages import RUNNERS, StageResult
 
 REPORT_COLUMNS = ("stage", "model", "ap", "ap50", "ap75", "params_m", "gflops", "latency_ms", "size_mb")
 
 
 def run(recipe: Recipe, out: str | Path | None = None) -> dict:
-    """Run every stage of ``recipe`` that is built, then measure each stage's model and write the report."""
+    """Run every stage of ``recipe``, then measure each stage's model once and write the report."""
     run_dir = Path(out or recipe.out or Path("runs") / "yolocomp" / Path(recipe.source).stem)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "recipe.json", recipe.to_dict())
-    data = resolve_data(recipe, run_dir)
+    data = recipe_data(recipe, run_dir)
     stages = [name for name in MODEL_STAGES if name in recipe.stages]
     if not stages and not any(name in recipe.stages for name in ("eval", "bench")):
         raise UserError(f"{recipe.source}: no stages to run; add e.g. stages: {{prune: {{ratio: 0.3}}}}")
@@ -55,10 +56,9 @@ def run(recipe: Recipe, out: str | Path | None = None) -> dict:
             print(f"[yolocomp run] {name}: running in {stage_dir}", flush=True)
             stage_dir.mkdir(parents=True, exist_ok=True)
             started = time.time()
-            # a stage whose method is missing raises NotBuiltError: the run stops with exit 2 (finished stages
-            # keep their markers), rather than reporting a pipeline that silently left a stage out
+            # stages do not evaluate their own models here: the run measures every artifact once, below
             with resume_interrupted():  # an interrupted training inside the stage continues from last.pt
-                result: StageResult = RUNNERS[name](recipe, current, stage_dir, data, reference)
+                result: StageResult = STAGE_RUNNERS[name](recipe, current, stage_dir, data, reference, evaluate=False)
             record = {
                 "stage": name,
                 "status": "done",
@@ -76,7 +76,8 @@ def run(recipe: Recipe, out: str | Path | None = None) -> dict:
 
     rows = _measure(recipe, records, run_dir, data)
     report = {"run_dir": str(run_dir), "recipe": recipe.to_dict(), "stages": records, "models": rows}
-    report["settings"] = {"imgsz": recipe.imgsz, "device": recipe.device, "eval": recipe.stage("eval"), "bench": recipe.stage("bench")}
+    report["settings"] = {"imgsz": recipe.imgsz, "device": recipe.device, "eval": settings(recipe.stage("eval")),
+                          "bench": settings(recipe.stage("bench"))}
     write_report(run_dir, report, f"yolocomp run — {recipe.source}", rows=[{c: r.get(c) for c in REPORT_COLUMNS} for r in rows])
     if any(r.get("ap") is not None for r in rows):
         pareto_plot(rows, run_dir / "pareto.png", title=f"{Path(recipe.source).stem}: AP vs latency / size")
@@ -90,9 +91,10 @@ def _initial_model(recipe: Recipe) -> str:
 
 def _measure(recipe: Recipe, records: list[dict], run_dir: Path, data: Path | None) -> list[dict]:
     """AP (cached per artifact under ``metrics/``), parameters, GFLOPs and latency of every stage artifact."""
-    ev = require("yolocomp.eval", "evaluation")
-    bench_mod = require("yolocomp.eval.bench", "benchmarking")
     from tqdm import tqdm
+
+    from yolocomp.eval import evaluate
+    from yolocomp.eval.bench import bench
 
     e_cfg, b_cfg = recipe.stage("eval"), recipe.stage("bench")
     rows = []
@@ -109,19 +111,15 @@ def _measure(recipe: Recipe, records: list[dict], run_dir: Path, data: Path | No
             continue
         row: dict[str, Any] = {"stage": f"{record['stage']}/{label}", "model": str(path)}
         if data is not None:
-            result = ev.evaluate(
-                str(path), str(data), imgsz=recipe.imgsz, device=recipe.device, conf=e_cfg["conf"], iou=e_cfg["iou"],
-                max_det=e_cfg["max_det"], images=e_cfg["images"], batch=e_cfg["batch"], progress=False,
-            )
+            result = evaluate(str(path), str(data), imgsz=recipe.imgsz, device=recipe.device, progress=False,
+                              **settings(e_cfg))
             row.update({k: result.get(k) for k in ("ap", "ap50", "ap75")})
         write_json(cache, row)
         rows.append(row)
     if rows:
         # Every stage's model timed in one process, interleaved, so the latencies compare side by side.
-        timing = bench_mod.bench(
-            [r["model"] for r in rows], imgsz=recipe.imgsz, device=recipe.device, batch_sizes=tuple(b_cfg["batch_sizes"]),
-            runs=b_cfg["runs"], warmup=b_cfg["warmup"], threads=b_cfg["threads"],
-        )
+        timing = bench([r["model"] for r in rows], imgsz=recipe.imgsz, device=recipe.device,
+                       batch_sizes=tuple(b_cfg.batch_sizes), runs=b_cfg.runs, warmup=b_cfg.warmup, threads=b_cfg.threads)
         for row, stats in zip(rows, timing["models"]):
             row["params"] = stats.get("params")
             row["params_m"] = stats["params"] / 1e6 if stats.get("params") else None

@@ -1,0 +1,60 @@
+"""``yolocomp eval``, ``yolocomp bench`` and ``yolocomp info``: measuring a model file."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from yolocomp.config import BenchConfig, EvalConfig
+from yolocomp.config.options import settings
+from yolocomp.recipe import stage_config
+
+
+def evaluate(model: str, data: str, imgsz: int = 640, device: str = "cpu", json_out: str | None = None,
+             config: EvalConfig | None = None, **options: Any) -> dict:
+    """COCO AP of ``model`` on ``data``'s val split; ``options`` are :class:`~yolocomp.config.EvalConfig`'s."""
+    from yolocomp.eval import evaluate as coco_eval
+    from yolocomp.integration import resolve_data
+
+    cfg = config or stage_config("eval", options)
+    with tempfile.TemporaryDirectory(prefix="yolocomp-eval-") as work:  # the absolute-path data copy is scratch
+        data_yaml = resolve_data(data, work)
+        return coco_eval(model, str(data_yaml), imgsz=imgsz, device=device, json_out=json_out, **settings(cfg))
+
+
+def bench(models: list[str], imgsz: int = 640, device: str = "cpu", json_out: str | None = None,
+          config: BenchConfig | None = None, **options: Any) -> dict:
+    """Latency of ``models``, timed interleaved in one process; ``options`` are :class:`~yolocomp.config.BenchConfig`'s."""
+    from yolocomp.eval.bench import bench as time_models
+
+    cfg = config or stage_config("bench", options)
+    values = settings(cfg)
+    values["batch_sizes"] = tuple(values["batch_sizes"])
+    result = time_models(models, imgsz=imgsz, device=device, **values)
+    if json_out:
+        from yolocomp.report import write_json
+
+        write_json(json_out, result)
+    return result
+
+
+def info(model: str, imgsz: int = 640) -> dict:
+    from yolocomp.eval.info import model_info
+
+    return model_info(model, imgsz=imgsz)
+
+
+def bench_rows(result: dict) -> list[dict]:
+    """One table row per model and batch size of a bench result."""
+    rows = []
+    for model, ratio in zip(result["models"], result["ratios"]):
+        for bs, t in model["by_batch"].items():
+            if "latency_ms" not in t:
+                continue
+            lat = t["latency_ms"]
+            rows.append({"model": Path(model["name"]).name, "backend": model["backend"], "batch": int(bs),
+                         "p50_ms": lat["p50"], "p90_ms": lat["p90"], "p99_ms": lat["p99"], "fps": t["fps"],
+                         "speedup": ratio["speedup"].get(bs), "params": model["params"], "gflops": model["gflops"],
+                         "size_mb": model["size_mb"]})
+    return rows

@@ -1,0 +1,124 @@
+"""``yolocomp qat``: quantization-aware training of the whole detector, Q/DQ export, report."""
+
+from __future__ import annotations
+
+import time
+from copy import deepcopy
+from pathlib import Path
+from typing import Any
+
+from yolocomp.commands.common import StageResult, model_name, require_data
+from yolocomp.commands.quant_common import export_and_check, layer_refs, onnx_name, write_quant_report
+from yolocomp.config import QatConfig, qat_train_defaults
+from yolocomp.config.options import settings
+from yolocomp.errors import UserError
+from yolocomp.recipe import Recipe, stage_config
+
+
+def qat(model: Any, data: str | Path, out: str | Path, *, imgsz: int = 640, device: str = "cpu",
+        resume: str | Path | None = None, evaluate: bool = True, evaluate_float: bool = True,
+        config: QatConfig | None = None, **options: Any) -> dict:
+    """Quantization-aware training of the whole detector; writes ``out/qat.pt`` (loadable by
+    ``yolocomp.integration.load_model``; needs yolocomp importable, it holds quantizer modules), with ``export`` the
+    Q/DQ ONNX, and ``out/report.json`` (AP before/after, exclusions). ``options`` are
+    :class:`~yolocomp.config.QatConfig`'s; ``teacher`` may also be a DetectionModel or a distillation Method.
+
+    The defaults are for what QAT usually is: a short fine-tune of a converged float detector.
+
+    * ``teacher="self"``: head-output distillation (:class:`yolocomp.distill.HeadKD`) from a frozen float copy of
+      ``model``, i.e. the quantized model learns to reproduce its own float outputs; ``label_loss`` (default: off
+      with ``"self"``, on with any other teacher or ``teacher=None``) keeps Ultralytics' box/cls/DFL loss on the
+      labels. On a converged model the label loss of a short fine-tune mostly pulls towards the few training
+      images, while self-distillation only removes quantization error.
+    * ``freeze_bn_epoch=0`` freezes BN statistics from the start: the folded weights keep the float model's
+      statistics; FQN's schedule of freezing after N epochs is for longer runs.
+    * calibration on ``calib_images`` letterboxed train images, like PTQ.
+    * unset trainer settings default to :func:`yolocomp.config.qat_train_defaults` (SGD, lr0=1e-4, 1e-3 below
+      8 bits, no warmup)."""
+    from yolocomp.eval import evaluate as coco_eval
+    from yolocomp.eval.metrics import ap_summary
+    from yolocomp.integration import load_model, resolve_data, save_model, train
+    from yolocomp.quant.qat import QuantizationAwareTraining
+
+    teacher_object = options.pop("teacher") if not isinstance(options.get("teacher", "self"), (str, type(None))) else None
+    cfg = config or stage_config("qat", options)
+    teacher: Any = teacher_object if teacher_object is not None else cfg.teacher
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    data_abs = resolve_data(data, out)
+    wb, ab = cfg.bit_widths()
+    t0 = time.time()
+    metrics = {"extra": ("backend", "images")}
+    report: dict = {"title": f"QAT W{wb}A{ab}", "model": model_name(model), "data": str(data), "imgsz": imgsz,
+                    "epochs": cfg.epochs, "weight_bits": wb, "act_bits": ab,
+                    "settings": {k: v for k, v in settings(cfg).items() if k != "teacher"}}
+    method = QuantizationAwareTraining(cfg.bits, weight_bits=wb, act_bits=ab, exclude=layer_refs(cfg.exclude),
+                                       layer_bits=cfg.layer_bits, calibrator=cfg.calibrator,
+                                       freeze_bn_epoch=cfg.freeze_bn_epoch, calib_images=cfg.calib_images)
+    methods: list = [method]
+    self_teacher = isinstance(teacher, str) and teacher == "self"
+    # read once: the student's start and the self-distillation teacher are copies of the same float model
+    loaded = load_model(model) if self_teacher or resume is None else None
+    if self_teacher:
+        from yolocomp.quant.modules import quant_convs
+
+        teacher = deepcopy(loaded).float()  # the caller's model stays untouched
+        if quant_convs(teacher):  # already quantized: no float reference to distil from
+            teacher, self_teacher = None, False
+    label_loss = (not self_teacher) if cfg.label_loss is None else cfg.label_loss
+    if teacher is not None:  # distillation from a float teacher during QAT (head-output KD unless a Method is given)
+        from yolocomp.methods import Method
+
+        if isinstance(teacher, Method):
+            methods.append(teacher)
+        else:
+            from yolocomp.distill.head_kd import HeadKD
+
+            methods.append(HeadKD(teacher))
+        report["teacher"] = ("self (float input model): " if self_teacher else "") + repr(methods[-1])
+    elif not label_loss:
+        raise UserError("label_loss=False needs a teacher (the default teacher='self' distils from the float model)")
+    train_overrides = cfg.trainer_overrides()
+    if not label_loss:
+        for key in ("box", "cls", "dfl"):
+            train_overrides.setdefault(key, 0.0)
+    report["label_loss"] = bool(label_loss)
+    train_overrides = {**qat_train_defaults(wb, ab, cfg.layer_bits), **train_overrides}
+    report["train_settings"] = {k: train_overrides[k] for k in sorted(train_overrides)}
+    m = None
+    if resume is None:
+        m = deepcopy(loaded).float()
+        if evaluate and evaluate_float:
+            report["ap_float"] = ap_summary(coco_eval(m, data_abs, imgsz=imgsz, device=device, images=cfg.eval_images),
+                                            **metrics)
+        method.prepare(m)  # so exclusions are validated before training starts
+    result = train(m, str(data_abs), methods, project=out, name="train", resume=resume, epochs=cfg.epochs, imgsz=imgsz,
+                   device=device, **train_overrides)
+    qmodel = result.model.float().eval()
+    method.prepare(qmodel)  # idempotent: fills the summary on resume
+    ckpt = save_model(qmodel, out / "qat.pt", extra={"quant": {"weight_bits": wb, "act_bits": ab,
+                                                               "excluded": method.summary.get("excluded", [])}})
+    report.update(qat_pt=str(ckpt), train_dir=str(result.save_dir), quantized_layers=len(method.summary["quantized"]),
+                  excluded=method.summary["excluded"])
+    if evaluate:
+        report["ap_fake_quant"] = ap_summary(coco_eval(qmodel, data_abs, imgsz=imgsz, device=device,
+                                                       images=cfg.eval_images), **metrics)
+    if cfg.export:
+        report.update(export_and_check(qmodel, out, onnx_name(wb, ab), data_abs, imgsz, device, cfg.eval_images,
+                                       evaluate))
+    if "ap_float" in report:
+        final = report.get("ap_onnx", report["ap_fake_quant"])
+        report["ap_drop"] = round(report["ap_float"]["ap"] - final["ap"], 4)
+    report["seconds"] = round(time.time() - t0, 1)
+    write_quant_report(out, report)
+    return report
+
+
+def run_stage(recipe: Recipe, model: str, out: Path, data: Path | None, reference: str | None,
+              evaluate: bool = True) -> StageResult:
+    require_data(data, "QAT")
+    report = qat(model, str(data), str(out), imgsz=recipe.imgsz, device=recipe.device, evaluate=evaluate,
+                 config=recipe.stage("qat"))
+    artifacts = {"qat": str(out / "qat.pt")}
+    artifacts.update({p.stem: str(p) for p in sorted(out.glob("model_*.onnx"))})
+    return StageResult("qat", str(out / "qat.pt"), artifacts, report)

@@ -1,0 +1,58 @@
+"""Options of the ``qat`` stage, and the training settings a short QAT of a converged detector needs.
+
+Why these defaults (the measurements are in tools/README.md): self-distillation from the float model instead of the
+label loss; SGD, because Ultralytics' ``auto`` picks AdamW for short runs, whose per-parameter steps move every
+weight, BN parameter and step size at once; lr0 1e-4, because Ultralytics clips the gradient norm to 10 and a
+detector's norm is far above that, so each SGD step has norm lr0·10; no warm-up, which would ramp the bias lr far
+above a fine-tune's; a larger lr0 below 8 bits, where the model starts far from its float outputs; BN frozen from
+the start so the folded weights keep the float statistics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from yolocomp.config.options import at_least, non_negative, option, positive, valid_bits
+from yolocomp.config.ptq import CALIBRATORS
+from yolocomp.config.train import TrainingOptions
+
+QAT_TRAIN_DEFAULTS: dict[str, Any] = {"optimizer": "SGD", "lr0": 1e-4, "warmup_epochs": 0}
+#: lr0 when any layer has fewer than 8 bits.
+QAT_LOW_BIT_LR0 = 1e-3
+
+
+def qat_train_defaults(weight_bits: int = 8, act_bits: int = 8, layer_bits: dict | None = None) -> dict[str, Any]:
+    """The Ultralytics settings ``qat`` uses unless given: :data:`QAT_TRAIN_DEFAULTS`, with lr0
+    :data:`QAT_LOW_BIT_LR0` when the weights, activations or any ``layer_bits`` entry use fewer than 8 bits."""
+    used = [weight_bits, act_bits]
+    for v in (layer_bits or {}).values():
+        used += list(v) if isinstance(v, (tuple, list)) else [v]
+    return {**QAT_TRAIN_DEFAULTS, **({"lr0": QAT_LOW_BIT_LR0} if min(used) < 8 else {})}
+
+
+@dataclass
+class QatConfig(TrainingOptions):
+    bits: int = option(8, "bits of weights and activations", hint="use 8 or 4", check=valid_bits)
+    weight_bits: int | None = option(None, "weight bits (unset: bits)", hint="use 8 or 4", check=valid_bits)
+    act_bits: int | None = option(None, "activation bits (unset: bits)", hint="use 8 or 4", check=valid_bits)
+    epochs: int = option(1, "training epochs", hint="use a whole number of epochs such as 3", check=at_least(1))
+    export: bool = option(True, "also write the Q/DQ ONNX", hint="use true or false")
+    exclude: list[str] = option([], "layer names or indices kept float", hint="use a list of layer names or indices",
+                                metavar="LAYER")
+    teacher: str | None = option("self", "'self' distils from the float input model, a .pt from that model; null trains "
+                                 "on the labels only", hint="use self, a teacher checkpoint path, or null")
+    label_loss: bool | None = option(None, "keep the detection loss on the labels (unset: off with teacher 'self')",
+                                     hint="use true or false")
+    calibrator: str = option("percentile", "range calibration before training", choices=CALIBRATORS,
+                             hint="use minmax, percentile, entropy or mse")
+    calib_images: int = option(128, "calibration images", hint="use a number of images such as 128", check=positive)
+    freeze_bn_epoch: int = option(0, "epoch from which BN statistics are frozen (0 = from the start)",
+                                  hint="use 0 to freeze BN from the start", check=non_negative)
+    layer_bits: dict | None = option(None, "per-layer bits, {layer name: bits or [weight bits, act bits]}", cli=False,
+                                     hint="use a mapping such as {model.0.conv: 8}")
+    eval_images: int | None = option(None, "evaluate on the first N val images (unset: all)",
+                                     hint="use a number of images or null for all", check=positive)
+
+    def bit_widths(self) -> tuple[int, int]:
+        return self.weight_bits or self.bits, self.act_bits or self.bits
