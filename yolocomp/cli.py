@@ -1,19 +1,21 @@
 """`yolocomp` command line: argument parsing only. Each stage's flags are generated from its config
 (:mod:`yolocomp.config`); every subcommand calls one command function and prints a summary table.
 
-Exit codes: 0 success, 2 bad input (one line on stderr), 1 unexpected failure.
+Exit codes: 0 success, 2 bad input (one line on stderr), 1 unexpected failure (one line; the traceback with
+YOLOCOMP_DEBUG=1), 130 interrupted (re-run the same command to resume).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from yolocomp.config import STAGE_CONFIGS
 from yolocomp.config.options import add_flags, given_flags
-from yolocomp.errors import UserError
+from yolocomp.errors import UserError, first_line
 
 STAGE_HELP = {
     "prune": "structured pruning (BN-γ slimming, CAP, L1, random)",
@@ -29,7 +31,7 @@ def _model_and_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model: .pt checkpoint or Ultralytics model yaml (replaces the recipe's)")
     p.add_argument("--data", help="Ultralytics data yaml ('synthetic' = built-in demo set)")
     p.add_argument("--imgsz", type=int, help="image size (default: recipe's, else 640)")
-    p.add_argument("--device", help="cpu, 0 or cuda:0 (default: recipe's, else cpu)")
+    p.add_argument("--device", help="auto, cpu, 0 or cuda:0 (default: recipe's, else auto: a CUDA GPU if there is one)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help=".pt, .onnx or .engine")
     p.add_argument("--data", required=True, help="Ultralytics data yaml")
     p.add_argument("--imgsz", type=int, default=640, help="image size (default: 640)")
-    p.add_argument("--device", default="cpu", help="cpu, 0 or cuda:0 (default: cpu)")
+    p.add_argument("--device", default="cpu", help="auto, cpu, 0 or cuda:0 (default: cpu)")
     p.add_argument("--json", help="write every figure and the settings to this JSON file")
     add_flags(p, STAGE_CONFIGS["eval"])
 
@@ -57,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help=".pt, .onnx or .engine")
     p.add_argument("--compare", nargs="+", default=[], help="more models timed in the same process, interleaved")
     p.add_argument("--imgsz", type=int, default=640, help="image size (default: 640)")
-    p.add_argument("--device", default="cpu", help="cpu, 0 or cuda:0 (default: cpu)")
+    p.add_argument("--device", default="cpu", help="auto, cpu, 0 or cuda:0 (default: cpu)")
     p.add_argument("--json", help="write the results to this JSON file")
     add_flags(p, STAGE_CONFIGS["bench"])
 
@@ -94,14 +96,23 @@ def _recipe(args: argparse.Namespace, stage: str):  # noqa: ANN202
 
 
 def _stage_command(args: argparse.Namespace) -> dict:
+    from dataclasses import replace
+
     from yolocomp.commands import STAGE_RUNNERS
-    from yolocomp.commands.common import out_dir, recipe_data, size_mb
+    from yolocomp.commands.common import ensure_weights, out_dir, recipe_data, resolve_device, restore_on_error, size_mb
+    from yolocomp.commands.common import work_dir as work
+    from yolocomp.integration.ultralytics import resume_interrupted
     from yolocomp.report import print_table
 
     recipe = _recipe(args, args.command)
+    recipe = replace(recipe, device=resolve_device(recipe.device))
     out = out_dir(recipe, args.command, args.out)
-    data = recipe_data(recipe, out)
-    result = STAGE_RUNNERS[args.command](recipe, str(recipe.model), out, data, None)
+    with restore_on_error(out):
+        ensure_weights(str(recipe.model), "--weights" if args.command == "prune" else "--model")
+        out.mkdir(parents=True, exist_ok=True)
+        data = recipe_data(recipe, work(out))
+        with resume_interrupted():  # re-running an interrupted command continues its training from last.pt
+            result = STAGE_RUNNERS[args.command](recipe, str(recipe.model), out, data, None)
     rows = [{"artifact": k, "path": v, "size_mb": size_mb(v)} for k, v in result.artifacts.items()]
     print_table(rows, f"yolocomp {args.command} — outputs in {out}")
     summary = _summary_rows(result.report)
@@ -136,22 +147,24 @@ def _summary_rows(report: dict) -> list[dict]:
 
 # --- commands ---------------------------------------------------------------------------------------------------------
 def _cmd_eval(args: argparse.Namespace) -> None:
+    from yolocomp.commands.common import resolve_device
     from yolocomp.commands.measure import evaluate
     from yolocomp.eval.metrics import AP_KEYS
     from yolocomp.report import print_table
 
-    result = evaluate(args.model, args.data, imgsz=args.imgsz, device=args.device, json_out=args.json,
+    result = evaluate(args.model, args.data, imgsz=args.imgsz, device=resolve_device(args.device), json_out=args.json,
                       **given_flags(args, STAGE_CONFIGS["eval"]))
     print_table([{"model": args.model, "backend": result.get("backend"), "images": result.get("images"),
                   **{k: result.get(k) for k in AP_KEYS}}], "yolocomp eval")
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
+    from yolocomp.commands.common import resolve_device
     from yolocomp.commands.measure import bench, bench_rows
     from yolocomp.report import print_table
 
-    result = bench([args.model, *args.compare], imgsz=args.imgsz, device=args.device, json_out=args.json,
-                   **given_flags(args, STAGE_CONFIGS["bench"]))
+    result = bench([args.model, *args.compare], imgsz=args.imgsz, device=resolve_device(args.device),
+                   json_out=args.json, **given_flags(args, STAGE_CONFIGS["bench"]))
     print_table(bench_rows(result), f"yolocomp bench — {args.device}, imgsz {args.imgsz} (speedup = first model's p50 / this p50)")
     for model in result["models"]:
         for note in model.get("notes", []):
@@ -204,6 +217,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in str(e).splitlines():
             print(f"error: {line}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        stage = getattr(e, "stage", None) or args.command
+        print(f"\ninterrupted in stage {stage}; re-run the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as e:  # a library failure the checks did not foresee: one line; the traceback on request
+        if os.environ.get("YOLOCOMP_DEBUG"):
+            raise
+        print(f"error: yolocomp {args.command} failed: {type(e).__name__}: {first_line(e)} (set YOLOCOMP_DEBUG=1 for "
+              "the traceback)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -52,7 +52,8 @@ class Recipe:
     data: str | None = option(None, "Ultralytics data yaml ('synthetic' = built-in demo set)",
                               hint="give a data yaml path, or 'synthetic' for the built-in demo set")
     imgsz: int = option(640, "image size", hint="use a size such as 640", check=valid_image_size)
-    device: str = option("cpu", "cpu, 0 or cuda:0", hint="use cpu, 0 or cuda:0")
+    device: str = option("auto", "auto (a CUDA GPU if there is one, else the CPU), cpu, 0 or cuda:0",
+                         hint="use auto, cpu, 0 or cuda:0")
     out: str | None = option(None, "output folder", hint="give an output folder")
     nc: int | None = option(None, "class count when building from a yaml", hint="give the class count when building from a yaml",
                             check=positive)
@@ -111,7 +112,7 @@ def validate(raw: dict, source: str = "<recipe>") -> Recipe:
         model=raw["model"],
         data=raw.get("data"),
         imgsz=raw.get("imgsz", 640),
-        device=str(raw.get("device", "cpu")),
+        device=str(raw.get("device", "auto")),
         out=raw.get("out"),
         nc=raw.get("nc"),
         synthetic=dict(synthetic),
@@ -145,6 +146,25 @@ def _check_files(raw: dict, source: str) -> list[str]:
     return errors
 
 
+def default_weights(model_yaml: str) -> str | None:
+    """The pretrained weights Ultralytics publishes for a model yaml it ships (yolov8n.yaml -> yolov8n.pt,
+    yolov5s.yaml -> yolov5su.pt, the anchor-free 'u' build of YOLOv3/v5), or None when it ships no such yaml."""
+    import re
+
+    name = Path(model_yaml).name
+    if Path(name).suffix not in {".yaml", ".yml"}:
+        return None
+    from ultralytics.utils.checks import check_yaml
+
+    unified = re.sub(r"(\d+)([nslmx])(.+)?$", r"\1\3", Path(name).stem) + ".yaml"  # yolov8n -> yolov8 (scale n)
+    try:
+        check_yaml(unified, hard=True)
+    except Exception:  # Ultralytics raises FileNotFoundError and others for unknown names
+        return None
+    stem = Path(name).stem
+    return f"{stem}u.pt" if re.match(r"yolov[35]", stem) and not stem.endswith("u") else f"{stem}.pt"
+
+
 def is_model_yaml(raw: Any) -> bool:
     """A plain Ultralytics model yaml (has backbone/head) rather than a recipe."""
     return isinstance(raw, dict) and "backbone" in raw and "head" in raw
@@ -158,7 +178,12 @@ def load(path: str | Path, overrides: dict | None = None) -> Recipe:
     """
     path = Path(path)
     if not path.exists():
-        raise UserError(f"recipe not found: {path} (see configs/ for examples)")
+        weights = default_weights(str(path)) if _is_asset_name(str(path)) else None
+        if weights is None:
+            raise UserError(f"recipe not found: {path} (give a recipe such as configs/yolov8n.yaml, or an Ultralytics "
+                            "model name such as yolov8n.yaml)")
+        # an Ultralytics model name: a default recipe around that family's pretrained weights
+        return validate(apply_overrides({"model": weights, "data": None, "stages": {}}, overrides or {}), source=str(path))
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:

@@ -80,26 +80,40 @@ def write_report(out_dir: str | Path, report: dict, title: str, rows: Sequence[d
     return json_path, md_path
 
 
+#: The two panels of the AP-vs-cost plot: row key -> axis label.
+PARETO_PANELS = {"latency_ms": "latency p50 (ms, batch 1)", "size_mb": "file size (MB)"}
+
+
+def pareto_points(rows: Sequence[dict]) -> dict[str, list[tuple[str, float, float]]]:
+    """Per panel, the (stage label, cost, AP %) points the plot draws; rows without AP or that cost are left out."""
+    return {key: [(str(r.get("stage")), float(r[key]), 100 * float(r["ap"])) for r in rows
+                  if r.get(key) is not None and r.get("ap") is not None] for key in PARETO_PANELS}
+
+
 def pareto_plot(rows: Sequence[dict], path: str | Path, title: str = "AP vs cost") -> Path:
-    """Two panels: AP vs latency and AP vs size (parameters), one labelled point per stage model."""
+    """Two panels, AP vs latency and AP vs file size; each stage model has its own marker and colour, named once in
+    a shared legend (labels next to nearby points would overlap)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, label in ((axes[0], "latency_ms", "latency p50 (ms, batch 1)"), (axes[1], "params_m", "parameters (M)")):
-        for row in rows:
-            x, y = row.get(key), row.get("ap")
-            if x is None or y is None:
-                continue
-            ax.scatter([x], [100 * y])
-            ax.annotate(str(row.get("stage")), (x, 100 * y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    points = pareto_points(rows)
+    stages = list(dict.fromkeys(label for panel in points.values() for label, _, _ in panel))
+    markers = "osD^vP*Xhp<>"
+    colours = plt.get_cmap("tab10")
+    style = {s: {"marker": markers[i % len(markers)], "color": colours(i % 10)} for i, s in enumerate(stages)}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, (key, label) in zip(axes, PARETO_PANELS.items()):
+        for stage, x, y in points[key]:
+            ax.scatter([x], [y], s=60, label=stage, **style[stage])
         ax.set_xlabel(label)
         ax.set_ylabel("AP50-95 (%)")
         ax.grid(alpha=0.3)
+    handles = [plt.Line2D([], [], linestyle="", markersize=8, **style[s]) for s in stages]
+    fig.legend(handles, stages, loc="lower center", ncol=min(4, max(1, len(stages))), fontsize=8, frameon=False)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06 * (1 + (len(stages) - 1) // 4), 1, 1))
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from yolocomp.commands.common import StageResult, data_classes, require_data
+from yolocomp.commands.common import StageResult, data_classes, require_data, warn_if_untrained, work_dir
 from yolocomp.config import DistillConfig
 from yolocomp.config.options import settings
 from yolocomp.distill.base import TeacherDistiller
@@ -77,7 +77,7 @@ def distill(
     cfg = config or stage_config("distill", options)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    data_yaml = resolve_data(data, out)
+    data_yaml = resolve_data(data, work_dir(out))
     nc = data_classes(data_yaml)
     student = load_model(model, nc=nc if str(model).endswith((".yaml", ".yml")) else None)
     if student.model[-1].nc != nc:
@@ -138,6 +138,7 @@ def run_stage(recipe: Recipe, model: str, out: Path, data: Path | None, referenc
     if not teacher:
         raise UserError("distillation needs a teacher: pass --teacher path/to/teacher.pt (or stages.distill.teacher)")
     require_data(data, "distillation")
+    warn_if_untrained(model, "distill")
     report = distill(model, teacher, str(data), str(out), imgsz=recipe.imgsz, device=recipe.device, evaluate=evaluate,
                      config=cfg)
     return StageResult("distill", str(out / "student.pt"), {"student": str(out / "student.pt")}, report)

@@ -13,13 +13,17 @@ def run_stage(recipe: Recipe, model: str, out: Path, data: Path | None, referenc
               evaluate: bool = True) -> StageResult:
     cfg = recipe.stage("export")
     report: dict[str, Any] = {}
+    if cfg.format == "engine":  # before writing anything: a missing TensorRT must not leave an ONNX behind
+        from yolocomp.export.tensorrt import import_tensorrt
+
+        import_tensorrt()
     if str(model).endswith(".onnx"):
         onnx = Path(model)
     else:
         from yolocomp.export.onnx_qdq import export_onnx
 
         net = load_recipe_model(with_model(recipe, model), data)
-        onnx = Path(export_onnx(net, out / "model.onnx", imgsz=recipe.imgsz))
+        onnx = Path(export_onnx(net, out / "model.onnx", imgsz=recipe.imgsz, dynamic=cfg.dynamic))
     artifacts = {"onnx": str(onnx)}
     if cfg.check:
         from yolocomp.export.lint import format_findings, lint_qdq

@@ -3,24 +3,33 @@
 from __future__ import annotations
 
 import tempfile
-from pathlib import Path
 from typing import Any
 
 from yolocomp.config import BenchConfig, EvalConfig
 from yolocomp.config.options import settings
+from yolocomp.errors import UserError
 from yolocomp.recipe import stage_config
 
 
 def evaluate(model: str, data: str, imgsz: int = 640, device: str = "cpu", json_out: str | None = None,
              config: EvalConfig | None = None, **options: Any) -> dict:
-    """COCO AP of ``model`` on ``data``'s val split; ``options`` are :class:`~yolocomp.config.EvalConfig`'s."""
+    """COCO AP of ``model`` on ``data``'s val split; ``options`` are :class:`~yolocomp.config.EvalConfig`'s.
+    Messages and the JSON name the user's data yaml, not the scratch absolute-path copy evaluation reads."""
     from yolocomp.eval import evaluate as coco_eval
     from yolocomp.integration import resolve_data
+    from yolocomp.report import write_json
 
     cfg = config or stage_config("eval", options)
     with tempfile.TemporaryDirectory(prefix="yolocomp-eval-") as work:  # the absolute-path data copy is scratch
         data_yaml = resolve_data(data, work)
-        return coco_eval(model, str(data_yaml), imgsz=imgsz, device=device, json_out=json_out, **settings(cfg))
+        try:
+            result = coco_eval(model, str(data_yaml), imgsz=imgsz, device=device, **settings(cfg))
+        except UserError as e:
+            raise UserError(str(e).replace(str(data_yaml), str(data))) from None
+    result["data"] = str(data)
+    if json_out:
+        write_json(json_out, result)
+    return result
 
 
 def bench(models: list[str], imgsz: int = 640, device: str = "cpu", json_out: str | None = None,
@@ -53,7 +62,7 @@ def bench_rows(result: dict) -> list[dict]:
             if "latency_ms" not in t:
                 continue
             lat = t["latency_ms"]
-            rows.append({"model": Path(model["name"]).name, "backend": model["backend"], "batch": int(bs),
+            rows.append({"model": model["name"], "backend": model["backend"], "batch": int(bs),
                          "p50_ms": lat["p50"], "p90_ms": lat["p90"], "p99_ms": lat["p99"], "fps": t["fps"],
                          "speedup": ratio["speedup"].get(bs), "params": model["params"], "gflops": model["gflops"],
                          "size_mb": model["size_mb"]})

@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from yolocomp.commands.common import StageResult, size_mb
+from yolocomp.commands.common import StageResult, size_mb, warn_if_untrained, work_dir
 from yolocomp.config import PruneConfig
 from yolocomp.config.options import settings
 from yolocomp.errors import UserError
@@ -103,7 +103,7 @@ def prune(
         raise UserError("sparsity/attention training and fine-tuning need --data (an Ultralytics data yaml)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    work = out / "work"
+    work = work_dir(out)
     data_abs = str(resolve_data(data, work)) if data is not None else None
     eval_data = data_abs if evaluate else None
     original = load_model(model)
@@ -203,6 +203,7 @@ def write_report(out: Path, report: dict) -> None:
 def run_stage(recipe: Recipe, model: str, out: Path, data: Path | None, reference: str | None,
               evaluate: bool = True) -> StageResult:
     cfg = recipe.stage("prune")
+    warn_if_untrained(model, "prune")
     needs_training = cfg.sparsity_epochs > 0 or cfg.finetune_epochs > 0 or cfg.method == "cap"
     if needs_training and data is None:
         raise UserError("pruning with sparsity/attention training or fine-tuning needs data: pass --data")

@@ -7,7 +7,7 @@ from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
-from yolocomp.commands.common import StageResult, model_name, require_data
+from yolocomp.commands.common import StageResult, model_name, require_data, warn_if_untrained, work_dir
 from yolocomp.commands.quant_common import export_and_check, layer_refs, onnx_name, write_quant_report
 from yolocomp.config import PtqConfig
 from yolocomp.config.options import settings
@@ -31,7 +31,7 @@ def ptq(model: Any, data: str | Path, out: str | Path, *, imgsz: int = 640, devi
     cfg = config or stage_config("ptq", options)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    data_abs = resolve_data(data, out)
+    data_abs = resolve_data(data, work_dir(out))
     float_model = load_model(model).float().eval()
     t0 = time.time()
     wb, ab = cfg.bit_widths()
@@ -76,6 +76,7 @@ def run_stage(recipe: Recipe, model: str, out: Path, data: Path | None, referenc
     require_data(data, "PTQ (calibration)")
     if str(model).endswith(".onnx"):
         raise UserError(f"PTQ needs a float PyTorch model, got {model}; put ptq before export in the recipe")
+    warn_if_untrained(model, "ptq")
     report = ptq(model, str(data), str(out), imgsz=recipe.imgsz, device=recipe.device, evaluate=evaluate,
                  config=recipe.stage("ptq"))
     onnx = sorted(out.glob("model_*.onnx"))

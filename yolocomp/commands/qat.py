@@ -7,7 +7,7 @@ from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
-from yolocomp.commands.common import StageResult, model_name, require_data
+from yolocomp.commands.common import StageResult, model_name, require_data, warn_if_untrained, work_dir
 from yolocomp.commands.quant_common import export_and_check, layer_refs, onnx_name, write_quant_report
 from yolocomp.config import QatConfig, qat_train_defaults
 from yolocomp.config.options import settings
@@ -45,7 +45,7 @@ def qat(model: Any, data: str | Path, out: str | Path, *, imgsz: int = 640, devi
     teacher: Any = teacher_object if teacher_object is not None else cfg.teacher
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    data_abs = resolve_data(data, out)
+    data_abs = resolve_data(data, work_dir(out))
     wb, ab = cfg.bit_widths()
     t0 = time.time()
     metrics = {"extra": ("backend", "images")}
@@ -117,6 +117,7 @@ def qat(model: Any, data: str | Path, out: str | Path, *, imgsz: int = 640, devi
 def run_stage(recipe: Recipe, model: str, out: Path, data: Path | None, reference: str | None,
               evaluate: bool = True) -> StageResult:
     require_data(data, "QAT")
+    warn_if_untrained(model, "qat")
     report = qat(model, str(data), str(out), imgsz=recipe.imgsz, device=recipe.device, evaluate=evaluate,
                  config=recipe.stage("qat"))
     artifacts = {"qat": str(out / "qat.pt")}

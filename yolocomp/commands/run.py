@@ -2,7 +2,7 @@
 
 Layout of a run folder::
 
-    data/                 (synthetic data set, when the recipe asks for it)
+    work/                 working files: the absolute-path data yaml, the synthetic data set when asked for
     (a .pt input model is measured first as "baseline"; it gets no folder)
     01_train/  02_prune/  03_distill/ ...   one folder per stage, in the order of recipe.MODEL_STAGES
         stage.json        written last: a stage with this file is finished and skipped on re-run
@@ -17,13 +17,21 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from yolocomp.commands import STAGE_RUNNERS
-from yolocomp.commands.common import StageResult, recipe_data
+from yolocomp.commands.common import (
+    StageResult,
+    ensure_weights,
+    recipe_data,
+    resolve_device,
+    restore_on_error,
+    work_dir,
+)
 from yolocomp.config.options import settings
-from yolocomp.errors import UserError
+from yolocomp.errors import StageInterrupted, UserError
 from yolocomp.integration.ultralytics import resume_interrupted
 from yolocomp.recipe import BRANCH_STAGES, MODEL_STAGES, Recipe
 from yolocomp.report import pareto_plot, print_table, write_json, write_report
@@ -32,11 +40,25 @@ REPORT_COLUMNS = ("stage", "model", "ap", "ap50", "ap75", "params_m", "gflops", 
 
 
 def run(recipe: Recipe, out: str | Path | None = None) -> dict:
-    """Run every stage of ``recipe``, then measure each stage's model once and write the report."""
+    """Run every stage of ``recipe``, then measure each stage's model once and write the report.
+
+    Bad input leaves the run folder as it was (finished stages stay); Ctrl-C raises :class:`StageInterrupted`
+    naming the stage, whose training the same call resumes."""
     run_dir = Path(out or recipe.out or Path("runs") / "yolocomp" / Path(recipe.source).stem)
+    recipe = replace(recipe, device=resolve_device(recipe.device))
+    with restore_on_error(run_dir, keep=_in_finished_stage):
+        ensure_weights(str(recipe.model), "--model")
+        return _run(recipe, run_dir)
+
+
+def _in_finished_stage(path: Path) -> bool:
+    return any((parent / "stage.json").exists() for parent in (path, *path.parents))
+
+
+def _run(recipe: Recipe, run_dir: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "recipe.json", recipe.to_dict())
-    data = recipe_data(recipe, run_dir)
+    data = recipe_data(recipe, work_dir(run_dir))
     stages = [name for name in MODEL_STAGES if name in recipe.stages]
     if not stages and not any(name in recipe.stages for name in ("eval", "bench")):
         raise UserError(f"{recipe.source}: no stages to run; add e.g. stages: {{prune: {{ratio: 0.3}}}}")
@@ -57,8 +79,12 @@ def run(recipe: Recipe, out: str | Path | None = None) -> dict:
             stage_dir.mkdir(parents=True, exist_ok=True)
             started = time.time()
             # stages do not evaluate their own models here: the run measures every artifact once, below
-            with resume_interrupted():  # an interrupted training inside the stage continues from last.pt
-                result: StageResult = STAGE_RUNNERS[name](recipe, current, stage_dir, data, reference, evaluate=False)
+            try:
+                with resume_interrupted():  # an interrupted training inside the stage continues from last.pt
+                    result: StageResult = STAGE_RUNNERS[name](recipe, current, stage_dir, data, reference,
+                                                              evaluate=False)
+            except KeyboardInterrupt:
+                raise StageInterrupted(name) from None
             record = {
                 "stage": name,
                 "status": "done",

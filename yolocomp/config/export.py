@@ -13,6 +13,8 @@ PRECISIONS = ("auto", "fp32", "fp16", "int8")
 @dataclass
 class ExportConfig:
     format: str = option("onnx", "onnx, or a TensorRT engine", hint="use onnx or engine", choices=EXPORT_FORMATS)
+    dynamic: bool = option(False, "ONNX with a dynamic batch dimension (so bench can time batch N)",
+                           hint="use true for a dynamic batch dimension")
     check: bool = option(False, "lint Q/DQ placement for TensorRT", hint="use true to lint Q/DQ placement for TensorRT")
     precision: str = option("auto", "TensorRT precision (auto: INT8 from Q/DQ, else FP16)",
                             hint="use auto, fp32, fp16 or int8", choices=PRECISIONS)

@@ -23,6 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from yolocomp.errors import UserError
+from yolocomp.export.onnx_metadata import model_metadata, set_metadata
 from yolocomp.quant.modules import QConv, freeze_for_export, quant_convs, quantizers
 
 DEFAULT_OPSET = 17
@@ -79,6 +80,7 @@ def export_onnx(model: nn.Module, path: str | Path, imgsz: int = 640, opset: int
                     info["int4_note"] = f"ONNX Runtime rejected INT4 Q/DQ ({error}); 4-bit values kept in 8-bit containers"
     if simplify and info.get("int4") != "native":
         onnx_model = _slim(onnx_model, info)
+    set_metadata(onnx_model, model_metadata(model, imgsz, batch, dynamic))
     onnx.checker.check_model(onnx_model)
     onnx.save(onnx_model, str(path))
     return path

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from yolocomp.errors import UserError
+from yolocomp.export.onnx_metadata import stamp
 from yolocomp.export.onnx_qdq import export_onnx, is_quantized
 
 _METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy", "mse": "Distribution"}
@@ -62,4 +63,4 @@ def export_ort_int8(model: nn.Module, path: str | Path, batches: Iterable[torch.
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
                         calibrate_method=getattr(CalibrationMethod, _METHODS[calibrator]),
                         nodes_to_exclude=exclude, extra_options={"CalibMovingAverage": False})
-    return path
+    return stamp(path, model, imgsz)  # ONNX Runtime's quantizer does not keep the float file's metadata
