@@ -14,11 +14,11 @@ import yaml
 
 from yolocomp.errors import UserError
 from yolocomp.eval import evaluate
-from yolocomp.eval.backends import TENSORRT_MISSING, make_runner
 from yolocomp.eval.coco import coco_metrics, from_coco_json, from_yolo_labels, load_ground_truth
 from yolocomp.eval.dataset import load_valset
 from yolocomp.eval.evaluate import detections_for_batch
 from yolocomp.eval.preprocess import batches
+from yolocomp.eval.runners import TENSORRT_MISSING, make_runner
 
 CONTRACT = {"ap", "ap50", "ap75", "aps", "apm", "apl", "ar100", "backend", "images", "settings", "model", "data", "seconds"}
 

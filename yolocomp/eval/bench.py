@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from yolocomp.errors import UserError
-from yolocomp.eval.backends import make_runner
+from yolocomp.eval.runners import make_runner
 
 
 def _percentiles(samples_ms: list[float]) -> dict[str, float]:

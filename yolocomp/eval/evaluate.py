@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 
 from yolocomp.errors import UserError
-from yolocomp.eval.backends import make_runner
 from yolocomp.eval.coco import GroundTruth, coco_metrics, load_ground_truth
 from yolocomp.eval.dataset import load_valset
 from yolocomp.eval.preprocess import batches, scale_to_original
+from yolocomp.eval.runners import make_runner
 
 
 def check_settings(imgsz: int, batch: int, conf: float, iou: float, max_det: int) -> None:
