@@ -33,11 +33,11 @@ def _percentiles(samples_ms: list[float]) -> dict[str, float]:
 
 def _static_stats(model: Any, runner: Any, imgsz: int) -> dict:
     """Params, GFLOPs and size of what the runner runs (ONNX: read from the graph; TensorRT: not readable)."""
-    from yolocomp.eval.info import size_mb, torch_gflops
+    from yolocomp.eval.info import count_params, gflops, size_mb
 
     if runner.backend == "torch":
         module = runner.original
-        return {"params": int(sum(p.numel() for p in module.parameters())), "gflops": torch_gflops(module, imgsz),
+        return {"params": count_params(module), "gflops": gflops(module, imgsz, digits=4),
                 "size_mb": size_mb(model if isinstance(model, (str, Path)) and Path(model).is_file() else module)}
     if runner.backend == "onnxruntime":
         from yolocomp.eval.onnx_stats import onnx_stats
