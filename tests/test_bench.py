@@ -58,3 +58,28 @@ def test_bench_rejects_bad_input(tmp_path, tiny_detector):
         bench([tiny_detector["onnx"]], imgsz=256, runs=1, warmup=0)
     with pytest.raises(UserError, match="batch sizes"):
         bench([tiny_detector["pt"]], imgsz=IMGSZ, batch_sizes=(0,))
+
+
+def test_interleaved_timer_takes_turns_and_warms_up():
+    from yolocomp.eval.timing import best_round_median, flat, interleaved_latency, percentiles
+
+    log = []
+    calls = {k: (lambda k=k: log.append(k)) for k in "abc"}
+    syncs = {k: (lambda k=k: log.append(k.upper())) for k in "abc"}
+    out = interleaved_latency(calls, runs=1, rounds=2, warmup_rounds=1, sync=syncs)
+    # one call per turn, wrapped by syncs; the first model moves one place per round; round 0 is not recorded
+    assert "".join(log) == "AaABbBCcC" + "BbBCcCAaA" + "CcCAaABbB"
+    assert {k: [len(r) for r in v] for k, v in out.items()} == {"a": [1, 1], "b": [1, 1], "c": [1, 1]}
+    log.clear()
+    out = interleaved_latency(calls, runs=2, warmup=1, rounds=2, rotate=False)
+    assert "".join(log) == "aaabbbccc" * 2 and all(len(flat(v)) == 4 for v in out.values())
+    assert best_round_median([[3.0, 5.0], [1.0, 2.0, 9.0]]) == 2.0
+    assert percentiles([1.0, 2.0, 3.0])["p50"] == 2.0
+
+
+def test_time_onnx_best_round_median(tiny_detector):
+    from yolocomp.eval.timing import time_onnx
+
+    onnx = str(tiny_detector["onnx"])
+    lat = time_onnx({"a": onnx, "b": onnx}, imgsz=IMGSZ, runs=2, warmup=1, threads=1, rounds=2)
+    assert list(lat) == ["a", "b"] and all(v > 0 and round(v, 3) == v for v in lat.values())

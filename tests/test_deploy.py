@@ -152,8 +152,8 @@ def reference_detections(onnx_path, images, conf, iou, max_det=300, imgsz=IMGSZ)
     """yolocomp.eval's ONNX runner and preprocessing, Ultralytics' NMS in predict mode (best class per box)."""
     from ultralytics.utils.nms import non_max_suppression
 
-    from yolocomp.eval.backends import make_runner
     from yolocomp.eval.preprocess import batches, scale_to_original
+    from yolocomp.eval.runners import make_runner
 
     runner = make_runner(str(onnx_path))
     out = {}

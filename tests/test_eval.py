@@ -14,11 +14,11 @@ import yaml
 
 from yolocomp.errors import UserError
 from yolocomp.eval import evaluate
-from yolocomp.eval.backends import TENSORRT_MISSING, make_runner
 from yolocomp.eval.coco import coco_metrics, from_coco_json, from_yolo_labels, load_ground_truth
 from yolocomp.eval.dataset import load_valset
 from yolocomp.eval.evaluate import detections_for_batch
 from yolocomp.eval.preprocess import batches
+from yolocomp.eval.runners import TENSORRT_MISSING, make_runner
 
 CONTRACT = {"ap", "ap50", "ap75", "aps", "apm", "apl", "ar100", "backend", "images", "settings", "model", "data", "seconds"}
 
@@ -311,3 +311,26 @@ def test_qdq_int8_onnx_runs_and_counts_like_fp32(tiny_detector, synthetic_data, 
     assert np.median(np.abs(y8[:, :4] - y32[:, :4]) / (np.abs(y32[:, :4]) + 1)) < 0.1
     res = evaluate(int8, synthetic_data, imgsz=128, images=2, progress=False)
     assert res["backend"] == "onnxruntime" and res["images"] == 2
+
+
+def test_one_image_lister_for_folders_lists_and_data_yamls(tmp_path, synthetic_data):
+    from yolocomp.eval.images import dataset_images, list_images
+    from yolocomp.export.calibration import find_calibration_images
+    from yolocomp.prune.compensate import calibration_images as prune_calibration
+    from yolocomp.quant.calibrate import calibration_images as quant_calibration
+
+    val = load_valset(synthetic_data).images
+    folder = val[0].parent
+    assert list_images(folder) == val == dataset_images(synthetic_data, "val")
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{val[1]}\n\n./{val[0].name}\nnot-an-image.json\n")
+    (tmp_path / val[0].name).write_bytes(val[0].read_bytes())
+    assert list_images(listing) == sorted([val[1], tmp_path / val[0].name])  # './x' is next to the list
+    with pytest.raises(UserError, match="val images 'nope' of data.yaml not found under /r"):
+        list_images("nope", "/r", what="val images", source="data.yaml")
+    assert list_images(["nope", folder], tmp_path, missing_ok=True) == val
+    train = dataset_images(synthetic_data)  # train split by default, as calibration wants
+    assert train and train != val and all(p.suffix == val[0].suffix for p in train)
+    assert find_calibration_images(synthetic_data, limit=None) == train
+    assert set(quant_calibration(synthetic_data, images=3)) <= set(train)
+    assert prune_calibration(str(synthetic_data), imgsz=64, n=2).shape == (2, 3, 64, 64)

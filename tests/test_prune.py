@@ -177,6 +177,17 @@ def test_mean_compensation_absorbs_constant_channels():
     assert errors["bn"] < 0.6 * errors["none"] and errors["calib"] < 0.6 * errors["none"]
 
 
+def test_prune_report_counts_like_model_info_and_bench():
+    """One GFLOPs / params counter: the prune summary, model_info and bench agree on a pruned model."""
+    from yolocomp.eval import bench, model_info
+
+    pruned, summary = prune_model(randomized("yolov8n.yaml"), ratio=0.3, imgsz=IMG)
+    info = model_info(pruned, imgsz=IMG)
+    timed = bench([pruned], imgsz=IMG, batch_sizes=(1,), runs=1, warmup=0, progress=False)["models"][0]
+    assert summary["params"]["after"] == info["params"] == timed["params"] == count_params(pruned)
+    assert summary["gflops"]["after"] == info["gflops"] == timed["gflops"] == round(gflops(pruned, IMG), 4)
+
+
 def test_flops_target_ignore_and_baselines():
     model = randomized("yolov8n.yaml")
     pruned, summary = prune_model(model, flops_reduction=0.4, imgsz=IMG, ignore=(0, 2))

@@ -11,6 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from yolocomp.errors import UserError
+from yolocomp.eval.runners.tensorrt import TensorRTRunner, cuda_index
 from yolocomp.export import tensorrt as trtx
 from yolocomp.export.calibration import (
     CalibrationCache,
@@ -21,6 +22,7 @@ from yolocomp.export.calibration import (
     trt_version_code,
     write_calibration_cache,
 )
+from yolocomp.export.tensorrt import rules as trt_rules
 
 NAMES = {0: "square", 1: "circle", 2: "triangle"}
 
@@ -59,7 +61,7 @@ def onnx_pair(tmp_path):
 def no_tensorrt(monkeypatch):
     """Make ``import tensorrt`` fail even on a machine that has it, and report no installed version."""
     monkeypatch.setitem(sys.modules, "tensorrt", None)
-    monkeypatch.setattr(trtx, "installed_tensorrt_version", lambda: None)
+    monkeypatch.setattr(trt_rules, "installed_tensorrt_version", lambda: None)
 
 
 def images_dir(tmp_path, n=4, size=(96, 128)):
@@ -79,7 +81,7 @@ def test_missing_tensorrt_gives_install_hint(no_tensorrt, onnx_pair, tmp_path):
         trtx.import_tensorrt()
     assert str(e.value) == "TensorRT is not installed: pip install 'yolocomp[tensorrt]' on a machine with an NVIDIA GPU"
     with pytest.raises(UserError, match="TensorRT is not installed"):
-        trtx.TensorRTRunner(tmp_path / "m.engine")
+        TensorRTRunner(tmp_path / "m.engine")
     with pytest.raises(UserError, match="TensorRT is not installed"):
         trtx.build_engine(onnx_pair[0], tmp_path / "m.engine")
     # valid arguments: every check passes, then the import check is what stops the build
@@ -191,9 +193,9 @@ def test_dynamic_onnx_takes_batch_and_imgsz(tmp_path):
 
 
 def test_cuda_index():
-    assert [trtx.cuda_index(d) for d in (0, 1, "0", "cuda", "cuda:2", None)] == [0, 1, 0, 0, 2, 0]
+    assert [cuda_index(d) for d in (0, 1, "0", "cuda", "cuda:2", None)] == [0, 1, 0, 0, 2, 0]
     with pytest.raises(UserError, match="run on an NVIDIA GPU"):
-        trtx.cuda_index("cpu")
+        cuda_index("cpu")
 
 
 # ------------------------------------------------------------------------------------------ calibration cache format
@@ -370,7 +372,7 @@ class RecordingTensorRT:
 def fake_trt(monkeypatch, version, **kwargs):
     trt = RecordingTensorRT(version, **kwargs)
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    monkeypatch.setattr(trtx, "installed_tensorrt_version", lambda: version)
+    monkeypatch.setattr(trt_rules, "installed_tensorrt_version", lambda: version)
     return trt
 
 

@@ -78,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     if not weights.exists() or not data.exists():
         print(f"needs {weights} and {data} (the shared real weights and coco-real)", file=sys.stderr)
         return 2
-    from yolocomp.commands.prune import export_onnx, time_onnx
+    from yolocomp.commands.prune import export_onnx
     from yolocomp.eval import evaluate
+    from yolocomp.eval.timing import time_onnx
     from yolocomp.integration import load_model, mirror_dataset, resolve_data, train
     from yolocomp.prune import count_params, gflops, prune_model
     from yolocomp.prune.cap import ChannelAttentionPruning

@@ -21,6 +21,7 @@ import shutil
 import sys
 import time
 import traceback
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,10 @@ SHARED = REPO.parent / "shared"
 
 
 def latency(paths: dict[str, Path], imgsz: int, runs: int, threads: int) -> dict[str, dict]:
+    """Batch-1 ONNX Runtime CPU latency per model, interleaved call by call after 3 warm-up rounds."""
     import onnxruntime as ort
+
+    from yolocomp.eval.timing import flat, interleaved_latency
 
     sessions = {}
     for name, p in paths.items():
@@ -38,15 +42,9 @@ def latency(paths: dict[str, Path], imgsz: int, runs: int, threads: int) -> dict
         so.intra_op_num_threads = threads
         sessions[name] = ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
     x = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
-    times: dict[str, list[float]] = {n: [] for n in sessions}
-    for s in sessions.values():
-        for _ in range(3):
-            s.run(None, {"images": x})
-    for _ in range(runs):
-        for n, s in sessions.items():
-            t = time.perf_counter()
-            s.run(None, {"images": x})
-            times[n].append(1000 * (time.perf_counter() - t))
+    calls = {n: partial(s.run, None, {"images": x}) for n, s in sessions.items()}
+    samples = interleaved_latency(calls, runs=1, rounds=runs, warmup_rounds=3, rotate=False)
+    times = {n: flat(rounds) for n, rounds in samples.items()}
     return {n: {"p50_ms": round(float(np.median(t)), 2), "min_ms": round(float(np.min(t)), 2)} for n, t in times.items()}
 
 

@@ -31,35 +31,6 @@ def export_onnx(model: nn.Module, imgsz: int, workdir: Path) -> str:
     return YOLO(str(pt)).export(format="onnx", imgsz=imgsz, simplify=False, dynamic=False, verbose=False)
 
 
-def time_onnx(paths: dict[str, str], imgsz: int, runs: int = 30, warmup: int = 5, threads: int | None = None,
-              rounds: int = 3) -> dict[str, float]:
-    """Batch-1 ONNX Runtime CPU latency (ms) per model: models interleaved over ``rounds``, best round's median.
-
-    Interleaving and the best round keep a busy, shared machine from favouring whichever model ran in a quiet moment.
-    """
-    import numpy as np
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    sessions = {k: ort.InferenceSession(p, opts, providers=["CPUExecutionProvider"]) for k, p in paths.items()}
-    x = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
-    best = {k: float("inf") for k in paths}
-    for _ in range(rounds):
-        for k, sess in sessions.items():
-            feed = {sess.get_inputs()[0].name: x}
-            for _ in range(warmup):
-                sess.run(None, feed)
-            times = []
-            for _ in range(runs):
-                t = time.perf_counter()
-                sess.run(None, feed)
-                times.append((time.perf_counter() - t) * 1000)
-            best[k] = min(best[k], float(np.median(times)))
-    return {k: round(v, 3) for k, v in best.items()}
-
-
 def _evaluate(model: Any, data: str | None, imgsz: int, device: str, batch: int) -> dict | None:
     if data is None:
         return None
@@ -144,6 +115,8 @@ def prune(
     # every stage's ONNX export timed interleaved in one go (see time_onnx), so the speedups compare like with like
     lat: dict[str, float] = {}
     if latency:
+        from yolocomp.eval.timing import time_onnx
+
         lat = time_onnx({k: export_onnx(m, imgsz, work / f"latency_{k}") for k, (m, _) in models.items()}, imgsz)
     rows = []
     for stage, (m, path) in models.items():

@@ -10,34 +10,24 @@ from __future__ import annotations
 
 import json
 import platform
-import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from yolocomp.errors import UserError
-from yolocomp.eval.backends import make_runner
-
-
-def _percentiles(samples_ms: list[float]) -> dict[str, float]:
-    a = np.asarray(samples_ms)
-    return {
-        "p50": round(float(np.percentile(a, 50)), 3),
-        "p90": round(float(np.percentile(a, 90)), 3),
-        "p99": round(float(np.percentile(a, 99)), 3),
-        "mean": round(float(a.mean()), 3),
-        "min": round(float(a.min()), 3),
-    }
+from yolocomp.eval.runners import make_runner
+from yolocomp.eval.timing import flat, interleaved_latency, percentiles
 
 
 def _static_stats(model: Any, runner: Any, imgsz: int) -> dict:
     """Params, GFLOPs and size of what the runner runs (ONNX: read from the graph; TensorRT: not readable)."""
-    from yolocomp.eval.info import size_mb, torch_gflops
+    from yolocomp.eval.info import count_params, gflops, size_mb
 
     if runner.backend == "torch":
         module = runner.original
-        return {"params": int(sum(p.numel() for p in module.parameters())), "gflops": torch_gflops(module, imgsz),
+        return {"params": count_params(module), "gflops": gflops(module, imgsz, digits=4),
                 "size_mb": size_mb(model if isinstance(model, (str, Path)) and Path(model).is_file() else module)}
     if runner.backend == "onnxruntime":
         from yolocomp.eval.onnx_stats import onnx_stats
@@ -121,26 +111,18 @@ def _bench(models, imgsz, device, batch_sizes, runs, warmup, threads, json_out, 
         for i, runner in enumerate(runners):
             fixed = getattr(runner, "fixed_batch", None)
             if fixed is not None and fixed != b:
-                note = f"batch {b} skipped: the model has a fixed batch of {fixed} (export with dynamic=True)"
+                note = f"batch {b} skipped: the model has a fixed batch of {fixed} (re-export it with yolocomp export --dynamic)"
                 entries[i]["by_batch"][str(b)] = {"skipped": note}
                 entries[i]["notes"].append(note)
                 bar.update(warmup + runs)
             else:
                 active.append(i)
-        samples: dict[int, list[float]] = {i: [] for i in active}
-        for r in range(warmup + runs):
-            order = active[r % len(active):] + active[: r % len(active)] if active else []
-            for i in order:
-                runner = runners[i]
-                runner.synchronize()
-                t0 = time.perf_counter()
-                runner(x)
-                runner.synchronize()
-                if r >= warmup:
-                    samples[i].append((time.perf_counter() - t0) * 1000)
-                bar.update(1)
+        calls = {i: partial(runners[i], x) for i in active}
+        syncs = {i: runners[i].synchronize for i in active}
+        samples = interleaved_latency(calls, runs=1, rounds=runs, warmup_rounds=warmup, sync=syncs,
+                                      on_call=lambda: bar.update(1))
         for i in active:
-            lat = _percentiles(samples[i])
+            lat = percentiles(flat(samples[i]))
             entries[i]["by_batch"][str(b)] = {"latency_ms": lat, "fps": round(b * 1000 / lat["p50"], 2)}
     bar.close()
 

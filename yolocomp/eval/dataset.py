@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from yolocomp.errors import UserError
+from yolocomp.eval.images import list_images
 
 
 @dataclass
@@ -48,19 +48,7 @@ def load_valset(data: str | Path, images: int | None = None) -> ValSet:
 
 
 def _image_files(root: Path, val: str | list, data: str | Path) -> list[Path]:
-    from ultralytics.data.utils import IMG_FORMATS
-
-    found: list[str] = []
-    for entry in val if isinstance(val, list) else [val]:
-        p = Path(entry) if Path(entry).is_absolute() else root / entry
-        if p.is_dir():
-            found += [str(f) for f in p.rglob("*.*")]
-        elif p.is_file():  # a .txt list; './x' lines are relative to the list file, other relative lines to the root
-            for line in filter(None, (x.strip() for x in p.read_text(encoding="utf-8-sig").splitlines())):
-                found.append(line.replace("./", str(p.parent) + os.sep, 1) if line.startswith("./") else str(root / line))
-        else:
-            raise UserError(f"val images '{entry}' of {data} not found under {root}")
-    files = sorted(Path(f) for f in found if f.rpartition(".")[-1].lower() in IMG_FORMATS)
+    files = list_images(val, root, what="val images", source=data)
     if not files:
         raise UserError(f"no val images found in '{val}' of {data} (expected a folder of images or a .txt list)")
     return files

@@ -10,10 +10,11 @@ from typing import Any
 import numpy as np
 
 from yolocomp.errors import UserError
-from yolocomp.eval.backends import make_runner
 from yolocomp.eval.coco import GroundTruth, coco_metrics, load_ground_truth
 from yolocomp.eval.dataset import load_valset
+from yolocomp.eval.metrics import ap_summary
 from yolocomp.eval.preprocess import batches, scale_to_original
+from yolocomp.eval.runners import make_runner
 
 
 def check_settings(imgsz: int, batch: int, conf: float, iou: float, max_det: int) -> None:
@@ -134,7 +135,7 @@ def _evaluate(model, data, valset, imgsz, device, batch, conf, iou, max_det, ima
     bar.close()
     metrics = coco_metrics(gt, detections)
     result = {
-        **{k: metrics[k] for k in ("ap", "ap50", "ap75", "aps", "apm", "apl", "ar100")},
+        **ap_summary(metrics),
         "backend": runner.backend,
         "images": len(valset.images),
         "detections": len(detections),

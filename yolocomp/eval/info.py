@@ -16,16 +16,53 @@ def size_mb(model: Any) -> float:
     return round(sum(t.numel() * t.element_size() for t in tensors) / 1e6, 3)
 
 
-def torch_gflops(model: Any, imgsz: int) -> float | None:
-    """GFLOPs at ``imgsz`` (Ultralytics' thop profile, 2 x MACs); measured on a copy so the model is untouched.
+def count_params(model: Any) -> int:
+    """Elements of every parameter (buffers such as BN running statistics are not parameters)."""
+    return int(sum(p.numel() for p in model.parameters()))
 
-    None when the profiler cannot count the model's modules (it returns 0 for e.g. fake-quantized convs)."""
+
+def gflops(model: Any, imgsz: int = 640, digits: int | None = None) -> float | None:
+    """Conv + linear GFLOPs (2 x MACs, as Ultralytics reports them) of one ``imgsz`` x ``imgsz`` image, rounded to
+    ``digits`` when given.
+
+    Counted from the layers' shapes during one forward pass on a copy (the model is untouched), so it matches what
+    :func:`yolocomp.eval.onnx_stats.onnx_stats` counts on the exported graph. None when some conv does not run as a
+    module (yolocomp's fake-quantized convs call the functional conv): the count would be silently partial.
+    """
     import copy
 
-    from ultralytics.utils.torch_utils import get_flops
+    import torch
+    from torch import nn
 
-    value = round(float(get_flops(copy.deepcopy(model).float(), imgsz)), 4)
-    return value or None
+    model = copy.deepcopy(model)
+    macs: dict[str, int] = {}
+
+    def counter(name: str):
+        def hook(module: nn.Module, _inputs: Any, out: torch.Tensor) -> None:
+            if isinstance(module, nn.Conv2d):
+                k = module.kernel_size[0] * module.kernel_size[1]
+                per_pixel = k * (module.in_channels // module.groups) * module.out_channels
+                macs[name] = per_pixel * out.shape[-1] * out.shape[-2]
+            else:  # Linear: one in x out product per output row
+                macs[name] = module.in_features * module.out_features * (out.numel() // module.out_features)
+
+        return hook
+
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    hooks = [m.register_forward_hook(counter(n)) for n, m in layers.items()]
+    param = next(model.parameters())
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, 3, imgsz, imgsz, device=param.device, dtype=param.dtype))
+    finally:
+        for h in hooks:
+            h.remove()
+    convs = [n for n, m in layers.items() if isinstance(m, nn.Conv2d)]
+    if not convs or any(n not in macs for n in convs):
+        return None
+    value = 2 * sum(macs.values()) / 1e9
+    return value if digits is None else round(value, digits)
 
 
 def _layer_table(model: Any) -> list[dict]:
@@ -95,8 +132,8 @@ def model_info(model: Any, imgsz: int = 640) -> dict:
         "model": str(model) if isinstance(model, (str, Path)) else getattr(module, "pt_path", None) or "<in-memory>",
         "backend": "torch",
         "imgsz": imgsz,
-        "params": int(sum(p.numel() for p in module.parameters())),
-        "gflops": torch_gflops(module, imgsz),
+        "params": count_params(module),
+        "gflops": gflops(module, imgsz, digits=4),
         "size_mb": size_mb(model if isinstance(model, (str, Path)) and Path(model).is_file() else module),
         "layers": _layer_table(module),
     }

@@ -16,10 +16,13 @@ from pathlib import Path
 import numpy as np
 
 from yolocomp.errors import UserError
+from yolocomp.eval.images import IMAGE_SUFFIXES, dataset_images, list_images
 
 DEFAULT_ALGORITHM = "EntropyCalibration2"
-IMAGE_SUFFIXES = {".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp"}
 _HEADER = re.compile(r"^TRT-(\d+)-(\w+)$")
+
+__all__ = ["DEFAULT_ALGORITHM", "IMAGE_SUFFIXES", "CalibrationCache", "calibration_batches", "check_cache_version",
+           "find_calibration_images", "read_calibration_cache", "trt_version_code", "write_calibration_cache"]
 
 
 def trt_version_code(version: str) -> int:
@@ -96,33 +99,16 @@ def find_calibration_images(source: str | Path | Sequence[str | Path], limit: in
     else:
         path = Path(source)
         if path.suffix.lower() in {".yaml", ".yml"}:
-            path = _train_dir(path)
-        if not path.is_dir():
+            files = dataset_images(path, "train")
+        elif path.is_dir():
+            files = list_images(path)
+        else:
             raise UserError(f"calibration data not found: {source} (give a folder of images or a data yaml)")
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise UserError(f"no images in calibration data {source} (need a few hundred representative images)")
     if limit is not None and limit < 1:
         raise UserError(f"calibration image limit {limit} must be >= 1 (e.g. 500)")
     return files[:limit] if limit else files
-
-
-def _train_dir(data_yaml: Path) -> Path:
-    import yaml
-
-    if not data_yaml.is_file():
-        raise UserError(f"data yaml not found: {data_yaml}")
-    cfg = yaml.safe_load(data_yaml.read_text()) or {}
-    split = cfg.get("train") or cfg.get("val")
-    if isinstance(split, list):
-        split = split[0]
-    if not split:
-        raise UserError(f"{data_yaml} names no train or val images")
-    root = Path(cfg.get("path") or data_yaml.parent)
-    if not root.is_absolute():
-        root = (data_yaml.parent / root).resolve()
-    p = Path(split)
-    return p if p.is_absolute() else root / p
 
 
 def calibration_batches(images: Sequence[Path], imgsz: int, batch: int) -> Iterator[np.ndarray]:

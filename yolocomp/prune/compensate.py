@@ -113,22 +113,14 @@ def compensate(old: nn.Module, new: nn.Module, graph: ChannelGraph, plan: Plan,
 
 
 def calibration_images(data: str, imgsz: int, n: int = 32, split: str = "train") -> torch.Tensor | None:
-    """Up to ``n`` letterboxed images (N, 3, imgsz, imgsz, 0-1) from a data yaml's split (val when train is absent)."""
-    from pathlib import Path
-
-    import yaml
-
+    """Up to ``n`` letterboxed images (N, 3, imgsz, imgsz, 0-1) from a data yaml's split (val when train is absent);
+    None when the split holds no images (compensation then falls back to the BN estimate)."""
     try:
+        from yolocomp.eval.images import dataset_images
         from yolocomp.eval.preprocess import batches
     except ImportError:  # evaluation package not installed: fall back to the BN estimate
         return None
-    cfg = yaml.safe_load(Path(data).read_text())
-    root = Path(cfg.get("path") or ".")
-    entry = cfg.get(split) or cfg.get("val")
-    folder = Path(entry) if Path(str(entry)).is_absolute() else root / str(entry)
-    if not folder.is_dir():
-        return None
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".bmp"})[:n]
+    paths = dataset_images(data, split, missing_ok=True)[:n]
     if not paths:
         return None
     return torch.cat([torch.from_numpy(b.array) for b in batches(paths, imgsz, 8)])

@@ -9,20 +9,11 @@ import torch
 from torch import nn
 
 from yolocomp.errors import UserError
+from yolocomp.eval.info import count_params, gflops  # the one counter every report uses; re-exported by prune
 from yolocomp.prune import importance as imp
 from yolocomp.prune.graph import ChannelGraph, build_graph
 from yolocomp.prune.plan import Plan, Planner, conv_costs
 from yolocomp.prune.surgery import build_pruned
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def gflops(model: nn.Module, imgsz: int = 640) -> float:
-    """Conv + linear GFLOPs (2 x MACs, as Ultralytics reports them) of one image at ``imgsz``."""
-    costs = conv_costs(model, imgsz)
-    return 2 * sum(k * hw * (ci // g) * co for k, hw, g, ci, co in costs.values()) / 1e9
 
 
 def conv_channels(model: nn.Module) -> int:

@@ -7,29 +7,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 from tqdm import tqdm
 
 from yolocomp.errors import UserError
+from yolocomp.eval.images import IMAGE_SUFFIXES, dataset_images
 from yolocomp.quant.modules import quant_convs, quantizers
 from yolocomp.quant.observers import CALIBRATORS
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+__all__ = ["IMAGE_SUFFIXES", "calibrate", "calibration_images", "image_batches", "init_weight_scales", "is_calibrated",
+           "split_images", "spread"]
 
 
 def calibration_images(data: str | Path, images: int = 256, split: str = "train") -> list[Path]:
     """Up to ``images`` image paths of a split of an Ultralytics data yaml (train by default: calibrating on the
     val images would leak them into the numbers measured on val). Falls back to val when there is no train split."""
-    from yolocomp.integration import resolve_data
-
     if images < 1:
         raise UserError(f"--images {images}: calibration needs at least 1 image (256 is the usual choice)")
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = yaml.safe_load(resolve_data(data, tmp).read_text())
-    files = split_images(cfg, split, images)
+    files = spread(dataset_images(data, split, missing_ok=True), images)
     if not files:
         raise UserError(f"no images found for split '{split}' of {data}; check the yaml's paths")
     return files
@@ -39,23 +34,15 @@ def split_images(cfg: dict, split: str = "train", images: int | None = None) -> 
     """Up to ``images`` image paths (all when None) of a split of a data config whose ``path`` is absolute (a
     resolved yaml, or Ultralytics' ``trainer.data``), spread evenly over the sorted list; [] when there are none.
     Falls back to val when there is no such split."""
-    root = Path(cfg.get("path") or ".")
-    entry = cfg.get(split) or cfg.get("val")
-    files: list[Path] = []
-    for e in entry if isinstance(entry, list) else [entry]:
-        if not e:
-            continue
-        p = Path(e) if Path(e).is_absolute() else root / e
-        if p.is_dir():
-            files += [f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES]
-        elif p.is_file():
-            for line in filter(None, (x.strip() for x in p.read_text().splitlines())):
-                files.append(p.parent / line[2:] if line.startswith("./") else (root / line))
-    files = sorted(files)
-    if not files or images is None:
+    files = dataset_images(cfg, split, missing_ok=True)
+    return files if images is None else spread(files, images)
+
+
+def spread(files: list[Path], n: int) -> list[Path]:
+    """Up to ``n`` of ``files`` spread over the whole sorted list (sorted lists are often grouped by source)."""
+    if not files:
         return files
-    # spread the subset over the whole split (sorted lists are often grouped by source)
-    idx = np.linspace(0, len(files) - 1, min(images, len(files))).round().astype(int)
+    idx = np.linspace(0, len(files) - 1, min(n, len(files))).round().astype(int)
     return [files[i] for i in sorted(set(idx.tolist()))]
 
 
