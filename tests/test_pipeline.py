@@ -14,7 +14,7 @@ import yaml
 
 from yolocomp import recipe as rc
 from yolocomp.errors import UserError
-from yolocomp.integration.ultralytics import is_resumable
+from yolocomp.integration import is_resumable
 from yolocomp.pipeline import run
 
 pytestmark = pytest.mark.slow

@@ -22,7 +22,7 @@ from typing import Any
 
 from yolocomp.api import require, resolve_data
 from yolocomp.errors import UserError
-from yolocomp.integration.ultralytics import resume_interrupted
+from yolocomp.integration import resume_interrupted
 from yolocomp.recipe import BRANCH_STAGES, MODEL_STAGES, Recipe
 from yolocomp.report import pareto_plot, print_table, write_json, write_report
 from yolocomp.stages import RUNNERS, StageResult
