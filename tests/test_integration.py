@@ -278,3 +278,18 @@ def test_prepare_runs_before_optimizer_ema_and_weight_decay(tiny_data, tmp_path,
     (decay,) = seen["weight_decay"]
     assert decay == pytest.approx(seen["expected_decay"])  # ... but the decay uses the uncapped 8
     assert seen["expected_decay"] == pytest.approx(5e-4)
+
+
+def test_cap_statistics_survive_resume(tiny_data, tmp_path):
+    from yolocomp.prune.cap import ChannelAttentionPruning
+
+    args = {**TRAIN_ARGS, "epochs": 3}
+    with pytest.raises(KeyboardInterrupt):
+        train(load_model("yolov8n.yaml", nc=3), str(tiny_data), [ChannelAttentionPruning(ratio=None), StopAfterFirstEpoch()],
+              tmp_path, "run", **args)
+    cap = ChannelAttentionPruning(ratio=None)
+    assert cap.finalize(load_model(tmp_path / "run" / "weights" / "last.pt")) is not None and cap.batches == 2  # epoch 1
+    with resume_interrupted():
+        train(load_model("yolov8n.yaml", nc=3), str(tiny_data), [cap], tmp_path, "run", **args)
+    assert cap.batches == 6, "2 batches per epoch, 3 epochs: the resumed run continued the averages"
+    assert cap.scores() and all(torch.isfinite(v).all() for v in cap.scores().values())

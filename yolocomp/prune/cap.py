@@ -104,6 +104,8 @@ class ChannelAttentionPruning(Method):
         self.min_channels, self.round_to, self.ignore, self.imgsz = min_channels, round_to, tuple(ignore), imgsz
         self.max_layer_ratio = max_layer_ratio
         self.calib = calib  #: images for mean compensation when pruning (optional)
+        self.importance: dict[str, torch.Tensor] | None = None  #: scores read by the last finalize
+        self.batches = 0.0  #: training batches behind them (per rank under DDP)
         self.summary: dict | None = None
 
     def __getstate__(self) -> dict:
@@ -143,21 +145,23 @@ class ChannelAttentionPruning(Method):
         if ema is not None:
             copy_statistics(model, ema)
 
-    def scores(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Mean attention per channel of every gate of ``model``, keyed by the gated conv's name."""
-        gates = {name: m for name, m in model.named_modules() if isinstance(m, AttentionGate)}
-        if not gates or any(float(m.attn_batches) <= 0 for m in gates.values()):
+    def scores(self, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """Mean attention per channel of every gate of ``model``, keyed by the gated conv's name; without a model, the
+        scores the last ``finalize`` read (its result has no gates left)."""
+        scores = self.importance if model is None else read_statistics(model)[0]
+        if scores is None:
             raise UserError("CAP has no attention statistics: train with the method attached before finalize()")
-        return {name.removesuffix(".block"): m.attn_mean.detach().float().cpu().clone() for name, m in gates.items()}
+        return scores
 
     def finalize(self, model: nn.Module) -> nn.Module:
+        self.importance, self.batches = read_statistics(model)  # kept: the returned model has no gates
         plain = strip_gates(model, copy=True)
         if self.ratio is None and self.flops_reduction is None:
             return plain
         from yolocomp.prune.pruner import prune_model
 
         pruned, self.summary = prune_model(plain, ratio=self.ratio, flops_reduction=self.flops_reduction,
-                                           method="cap", importance=self.scores(model), min_channels=self.min_channels,
+                                           method="cap", importance=self.scores(), min_channels=self.min_channels,
                                            round_to=self.round_to, ignore=self.ignore, imgsz=self.imgsz,
                                            calib=self.calib, max_layer_ratio=self.max_layer_ratio)
         return pruned
@@ -177,6 +181,15 @@ def strip_gates(model: nn.Module, copy: bool = False) -> nn.Module:
         if isinstance(m, AttentionGate):
             _set(out, name, m.block)
     return out
+
+
+def read_statistics(model: nn.Module) -> tuple[dict[str, torch.Tensor] | None, float]:
+    """(mean attention per channel keyed by gated conv name, batches seen) from the gates; (None, 0) without any."""
+    gates = {name.removesuffix(".block"): m for name, m in model.named_modules() if isinstance(m, AttentionGate)}
+    batches = min((float(m.attn_batches) for m in gates.values()), default=0.0)
+    if batches <= 0:
+        return None, 0.0
+    return {name: m.attn_mean.detach().float().cpu().clone() for name, m in gates.items()}, batches
 
 
 def merge_statistics(model: nn.Module) -> None:
