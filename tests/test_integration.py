@@ -293,3 +293,34 @@ def test_cap_statistics_survive_resume(tiny_data, tmp_path):
         train(load_model("yolov8n.yaml", nc=3), str(tiny_data), [cap], tmp_path, "run", **args)
     assert cap.batches == 6, "2 batches per epoch, 3 epochs: the resumed run continued the averages"
     assert cap.scores() and all(torch.isfinite(v).all() for v in cap.scores().values())
+
+
+def test_users_yolo_resume_keeps_cap_gates_and_statistics(tiny_data, tmp_path):
+    from ultralytics import YOLO
+
+    from yolocomp.prune.cap import AttentionGate, ChannelAttentionPruning
+
+    args = {**TRAIN_ARGS, "epochs": 3}
+    common = {"data": str(tiny_data), "project": str(tmp_path), "name": "user", "exist_ok": True, "device": "cpu",
+              "workers": 0, "plots": False}
+    yolo = YOLO(str(save_model(load_model("yolov8n.yaml", nc=3), tmp_path / "start.pt")))
+    attach(yolo, ChannelAttentionPruning(ratio=None), StopAfterFirstEpoch())
+    with pytest.raises(KeyboardInterrupt):
+        yolo.train(**common, **args)
+    last = tmp_path / "user" / "weights" / "last.pt"
+    def gate_state(model):
+        return {n: torch.cat([m.attn_mean, m.attn_batches.reshape(1)]).float().clone() for n, m in model.named_modules()
+                if isinstance(m, AttentionGate)}
+
+    gates_before = gate_state(load_model(last))
+    assert gates_before and all(float(v[-1]) == 2 for v in gates_before.values()), "epoch 1's statistics were saved"
+
+    resumed = YOLO(str(last))
+    cap = ChannelAttentionPruning(ratio=None)
+    hub = attach(resumed, cap)
+    seen = {}
+    resumed.add_callback("on_pretrain_routine_end", lambda trainer: seen.update(gate_state(unwrap(trainer.model))))
+    resumed.train(resume=True)
+    assert set(seen) == set(gates_before) and all(torch.equal(seen[n], w) for n, w in gates_before.items()), \
+        "resume trains the checkpoint's gates, not a fresh yaml rebuild"
+    assert cap.finalize(unwrap(hub.trainer.ema.ema)) is not None and cap.batches == 6

@@ -185,8 +185,29 @@ def hubs(trainer: Any) -> list[CallbackHub]:
     return found
 
 
+def as_training_model(model: nn.Module) -> nn.Module:
+    """``model`` in float with every floating parameter trainable (Ultralytics then freezes what it freezes)."""
+    model = model.float()
+    for param in model.parameters():
+        param.requires_grad = param.dtype.is_floating_point
+    return model
+
+
+def carries_compression_state(model: nn.Module) -> bool:
+    """True when ``model`` holds yolocomp modules (gates, quantizers, adapters) a yaml rebuild would drop."""
+    from yolocomp.methods import TRAINING_MODULES
+
+    return hasattr(model, TRAINING_MODULES) or any(type(m).__module__.startswith("yolocomp.") for m in model.modules())
+
+
 class PrepareBeforeOptimizer:
     """Trainer mixin running every attached method's ``prepare`` before Ultralytics builds optimizer, EMA and DDP."""
+
+    def get_model(self, cfg: Any = None, weights: Any = None, verbose: bool = True) -> nn.Module:
+        # A resumed compression checkpoint: Ultralytics' yaml rebuild + matching-weight copy would silently drop them.
+        if isinstance(weights, nn.Module) and carries_compression_state(weights):
+            return as_training_model(weights)
+        return super().get_model(cfg=cfg, weights=weights, verbose=verbose)
 
     def set_model_attributes(self) -> None:
         super().set_model_attributes()

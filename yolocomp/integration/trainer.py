@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from yolocomp.errors import UserError, first_line
-from yolocomp.integration.hooks import CallbackHub, PrepareBeforeOptimizer
+from yolocomp.integration.hooks import CallbackHub, PrepareBeforeOptimizer, as_training_model
 from yolocomp.methods import Method
 
 
@@ -33,10 +33,7 @@ class CompressionTrainer(PrepareBeforeOptimizer, _detection_trainer_cls()):
 
     def get_model(self, cfg: Any = None, weights: Any = None, verbose: bool = True) -> nn.Module:
         if isinstance(weights, nn.Module):
-            model = weights.float()
-            for param in model.parameters():
-                param.requires_grad = param.dtype.is_floating_point
-            return model
+            return as_training_model(weights)
         return super().get_model(cfg=cfg, weights=weights, verbose=verbose)
 
 
