@@ -324,3 +324,14 @@ def test_users_yolo_resume_keeps_cap_gates_and_statistics(tiny_data, tmp_path):
     assert set(seen) == set(gates_before) and all(torch.equal(seen[n], w) for n, w in gates_before.items()), \
         "resume trains the checkpoint's gates, not a fresh yaml rebuild"
     assert cap.finalize(unwrap(hub.trainer.ema.ema)) is not None and cap.batches == 6
+
+
+def test_callbacks_without_prepare_refuse_structural_changes():
+    """Callbacks added by hand (no attach, no with_prepare trainer) cannot change the model after the optimizer exists."""
+    from types import SimpleNamespace
+
+    model = load_model("yolov8n.yaml", nc=3)
+    trainer = SimpleNamespace(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0))
+    with pytest.raises(UserError, match="changed the model after Ultralytics built its optimizer.*with_prepare"):
+        CallbackHub([AddScale()]).on_pretrain_routine_end(trainer)
+    CallbackHub([CountingMethod()]).on_pretrain_routine_end(trainer)  # no structural change: fine

@@ -221,11 +221,16 @@ _WITH_PREPARE: dict[type, type] = {}
 
 
 def with_prepare(trainer_cls: type) -> type:
-    """``trainer_cls`` extended by :class:`PrepareBeforeOptimizer` (itself when it already is one)."""
+    """``trainer_cls`` extended by :class:`PrepareBeforeOptimizer` (itself when it already is one).
+
+    DetectionTrainer maps to the importable :class:`~yolocomp.integration.trainer.DetectionTrainerWithPrepare`; other
+    classes get a generated subclass (Ultralytics' DDP launcher pickles it by value with cloudpickle)."""
+    from yolocomp.integration import trainer  # noqa: F401  (registers DetectionTrainerWithPrepare)
+
     if issubclass(trainer_cls, PrepareBeforeOptimizer):
         return trainer_cls
     if trainer_cls not in _WITH_PREPARE:
-        _WITH_PREPARE[trainer_cls] = type(trainer_cls.__name__, (PrepareBeforeOptimizer, trainer_cls), {})
+        _WITH_PREPARE[trainer_cls] = type(f"{trainer_cls.__name__}WithPrepare", (PrepareBeforeOptimizer, trainer_cls), {})
     return _WITH_PREPARE[trainer_cls]
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from yolocomp.errors import UserError, first_line
-from yolocomp.integration.hooks import CallbackHub, PrepareBeforeOptimizer, as_training_model
+from yolocomp.integration.hooks import _WITH_PREPARE, CallbackHub, PrepareBeforeOptimizer, as_training_model
 from yolocomp.methods import Method
 
 
@@ -21,6 +21,14 @@ def _detection_trainer_cls() -> type:
     from ultralytics.models.yolo.detect import DetectionTrainer
 
     return DetectionTrainer
+
+
+class DetectionTrainerWithPrepare(PrepareBeforeOptimizer, _detection_trainer_cls()):
+    """Ultralytics' DetectionTrainer with methods' ``prepare`` before the optimizer: what a user's ``YOLO(...).train()``
+    runs after :func:`yolocomp.attach` (importable, so DDP workers unpickle it by reference)."""
+
+
+_WITH_PREPARE[_detection_trainer_cls()] = DetectionTrainerWithPrepare
 
 
 class CompressionTrainer(PrepareBeforeOptimizer, _detection_trainer_cls()):
