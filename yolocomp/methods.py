@@ -10,6 +10,8 @@ every DDP rank lives in the model (parameters, buffers, :func:`add_training_modu
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -82,3 +84,15 @@ def strip_training_modules(model: nn.Module) -> nn.Module:
     if hasattr(model, TRAINING_MODULES):
         delattr(model, TRAINING_MODULES)
     return model
+
+
+@contextmanager
+def without_training_modules(model: nn.Module) -> Iterator[nn.Module]:
+    """Temporarily take the training-only modules off ``model`` (e.g. so QAT never quantizes distillation adapters)."""
+    modules = getattr(model, TRAINING_MODULES, None)
+    strip_training_modules(model)
+    try:
+        yield model
+    finally:
+        if modules is not None:
+            setattr(model, TRAINING_MODULES, modules)

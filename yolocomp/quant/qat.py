@@ -31,7 +31,7 @@ from typing import Any
 
 from torch import nn
 
-from yolocomp.methods import Method
+from yolocomp.methods import Method, without_training_modules
 from yolocomp.quant.calibrate import calibrate, is_calibrated
 from yolocomp.quant.convert import quantize_model
 from yolocomp.quant.modules import quant_convs, quantizers
@@ -62,7 +62,8 @@ class QuantizationAwareTraining(Method):
         return f"QuantizationAwareTraining(W{self.weight_bits}A{self.act_bits}, exclude={self.exclude})"
 
     def prepare(self, model: nn.Module) -> bool:
-        info = quantize_model(model, self.weight_bits, self.act_bits, self.exclude, self.layer_bits, self.share)
+        with without_training_modules(model):  # distillation adapters stay float, whatever the method order
+            info = quantize_model(model, self.weight_bits, self.act_bits, self.exclude, self.layer_bits, self.share)
         if not self.learn:
             for q in quantizers(model):
                 q.learn = False
