@@ -4,7 +4,9 @@
   ``BaseTrainer._setup_train`` before the place where Ultralytics prepares its own QAT model ("Prepare the final
   module structure before compile, DDP, and EMA wrap it"), i.e. before layer freezing, compile, DDP, the optimizer and
   the EMA are built. It runs on every DDP rank (each worker rebuilds the trainer), so Ultralytics' own optimizer, AMP
-  scaler, DDP all-reduce, gradient clipping and EMA handle every parameter a method adds.
+  scaler, DDP all-reduce, gradient clipping and EMA handle every parameter a method adds. The CLI's
+  ``CompressionTrainer`` has the mixin; :func:`attach` makes a user's ``YOLO.train`` use ``with_prepare(its trainer)``.
+  The mixin's ``get_model`` also keeps a resumed yolocomp checkpoint as-is (a yaml rebuild would drop gates/adapters).
 * ``attach`` at ``on_pretrain_routine_end``: runtime state (feature taps, calibration) once the trainer is ready.
 * ``extra_loss`` inside the criterion (:class:`ExtraLossCriterion`): Ultralytics' DDP forward is the loss, so the terms
   join the loss vector that Ultralytics scales by batch size, sums, AMP-scales and accumulates; they behave exactly
