@@ -15,6 +15,7 @@ from yolocomp.distill.fgd import fgd_terms
 from yolocomp.distill.head_kd import head_kd_terms
 from yolocomp.distill.masks import fgd_masks, fgfi_masks, prior_ious
 from yolocomp.errors import UserError
+from yolocomp.methods import Method
 
 SIZES = [(16, 16), (8, 8), (4, 4)]  # P3/P4/P5 of a 128 px image
 
@@ -185,12 +186,17 @@ def test_gradients_reach_student_and_adapters_never_teacher(models, cls):
     assert all(p.grad is None for p in teacher.parameters()), "the caller's teacher is untouched"
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
     assert not any(isinstance(m, type(method.teacher)) for m in student.modules() if m is not student)
-    # the adapters' own optimizer steps them (trainer-less: lr 1e-3) and clears their gradients
-    if method.aux_optimizer.optimizer is not None:
-        p0 = next(iter(method.aux.parameters())).detach().clone()
-        method.before_step(SimpleNamespace(optimizer=None, scaler=None))
-        p1 = next(iter(method.aux.parameters()))
-        assert not torch.equal(p0, p1) and p1.grad is None
+    # training-only modules live on the student (Ultralytics' optimizer, AMP, DDP and EMA see them) until finalize
+    from copy import deepcopy
+
+    from yolocomp.methods import training_module
+
+    if cls is not HeadKD:
+        assert training_module(student, method.name) is method.aux
+        student_params = {id(p) for p in student.parameters()}
+        assert all(id(p) in student_params for p in method.aux.parameters())
+    delivered = method.finalize(deepcopy(student))
+    assert set(delivered.state_dict()) == set(type(student)("yolov8n.yaml", nc=3, verbose=False).state_dict())
     method.release()
     assert not any(m._forward_hooks for m in student.modules()), "taps removed"
 
@@ -309,3 +315,52 @@ def test_attach_to_a_users_yolo_train(tiny_setup):
     saved = ckpt.get("ema") or ckpt["model"]  # final checkpoints are stripped to "model"
     assert not any("adapter" in k or "gc_" in k for k in saved.state_dict())
     assert not any(m._forward_hooks for m in saved.modules())
+
+
+class _StopInSecondEpoch(Method):
+    """Interrupts training at the end of epoch 2, after epoch 1's checkpoint was written."""
+
+    name = "stop"
+
+    def on_epoch_end(self, trainer):
+        if trainer.epoch >= 1:
+            raise KeyboardInterrupt("simulated kill")
+
+
+class _AdapterSpy(Method):
+    """Records the student's FGD modules when the (resumed) trainer is ready, before any step."""
+
+    name = "spy"
+
+    def __init__(self):
+        self.state = None
+
+    def attach(self, trainer):
+        from yolocomp.integration import unwrap
+        from yolocomp.methods import training_module
+
+        self.state = {k: v.detach().clone() for k, v in training_module(unwrap(trainer.model), "fgd").state_dict().items()}
+
+
+@pytest.mark.slow
+def test_resume_keeps_the_trained_adapters(tiny_setup):
+    from yolocomp.integration import load_model, resume_interrupted, train
+    from yolocomp.methods import TRAINING_MODULES
+
+    root, data, teacher = tiny_setup
+    args = {"epochs": 2, "imgsz": 64, "batch": 8, "val": False, "warmup_epochs": 0}
+    with pytest.raises(KeyboardInterrupt):
+        train(load_model("yolov8n.yaml", nc=3), str(data), [FGD(str(teacher)), _StopInSecondEpoch()], root, "resume", **args)
+    last = root / "resume" / "weights" / "last.pt"
+    saved = torch.load(last, weights_only=False)["ema"]
+    saved_aux = {k: v.float() for k, v in getattr(saved, TRAINING_MODULES)["fgd"].state_dict().items()}
+    assert any("gc_student" in k for k in saved_aux), "the unfinished checkpoint holds the adapters"
+
+    spy = _AdapterSpy()
+    with resume_interrupted():
+        result = train(load_model("yolov8n.yaml", nc=3), str(data), [FGD(str(teacher)), spy], root, "resume", **args)
+    assert spy.state is not None and set(spy.state) == set(saved_aux)
+    assert all(torch.equal(spy.state[k], v) for k, v in saved_aux.items()), "resumed from the trained adapters"
+    finished = torch.load(result.last, weights_only=False)["model"]
+    assert not hasattr(finished, TRAINING_MODULES), "a finished checkpoint loads without yolocomp"
+    assert not hasattr(result.model, TRAINING_MODULES)

@@ -8,8 +8,18 @@ import torch
 from torch import nn
 
 from yolocomp.errors import UserError
-from yolocomp.integration import CallbackHub, attach, load_model, resolve_data, save_model, train
-from yolocomp.integration.ultralytics import _StepPreHook
+from yolocomp.integration import (
+    CallbackHub,
+    attach,
+    is_resumable,
+    load_model,
+    resolve_data,
+    resume_interrupted,
+    save_model,
+    train,
+    unwrap,
+)
+from yolocomp.integration.hooks import _StepPreHook
 from yolocomp.methods import Method
 
 TRAIN_ARGS = {"epochs": 1, "imgsz": 64, "batch": 8, "val": False, "warmup_epochs": 0}
@@ -49,8 +59,6 @@ class AddScale(Method):
         return True
 
     def extra_loss(self, trainer, batch, preds):
-        from yolocomp.integration.ultralytics import unwrap
-
         return {"scale_loss": (unwrap(trainer.model).yolocomp_scale - 2.0).pow(2).sum()}
 
 
@@ -74,7 +82,7 @@ def test_extra_loss_columns_and_step_hook(tiny_data, tmp_path):
     assert Path(result.best).exists() and Path(result.last).exists()
 
 
-def test_structural_change_rebuilds_optimizer_and_ema(tiny_data, tmp_path):
+def test_structural_change_reaches_optimizer_and_ema(tiny_data, tmp_path):
     from ultralytics import YOLO
 
     ckpt = save_model(load_model("yolov8n.yaml", nc=3), tmp_path / "start.pt")
@@ -91,7 +99,7 @@ def test_structural_change_rebuilds_optimizer_and_ema(tiny_data, tmp_path):
     yolo.train(data=str(tiny_data), project=str(tmp_path), name="cb", exist_ok=True, device="cpu", workers=0, plots=False, lr0=0.1, **TRAIN_ARGS)
     assert seen == {"in_optimizer": True, "in_ema": True}
     trained = hub.trainer.model
-    assert float(trained.yolocomp_scale.detach()) != 1.0  # the new parameter was trained by the rebuilt optimizer
+    assert float(trained.yolocomp_scale.detach()) != 1.0  # the new parameter was trained by Ultralytics' optimizer
     assert hub.methods[1].steps >= 1
 
 
@@ -127,7 +135,7 @@ def test_load_model_errors(tmp_path):
         load_model(tmp_path / "missing.pt")
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"not a checkpoint")
-    with pytest.raises(UserError, match="cannot read checkpoint .*corrupt or not an Ultralytics") as err:
+    with pytest.raises(UserError, match="cannot read checkpoint .*corrupt or truncated") as err:
         load_model(corrupt)
     assert "\n" not in str(err.value)
     with pytest.raises(UserError, match="unsupported model"):
@@ -183,8 +191,6 @@ class StopAfterFirstEpoch(Method):
 
 
 def test_interrupted_training_resumes_inside_resume_block(tiny_data, tmp_path):
-    from yolocomp.integration.ultralytics import is_resumable, resume_interrupted
-
     args = {**TRAIN_ARGS, "epochs": 3}
     with pytest.raises(KeyboardInterrupt):
         train(load_model("yolov8n.yaml", nc=3), str(tiny_data), [StopAfterFirstEpoch()], tmp_path, "run", **args)
@@ -204,8 +210,6 @@ def test_interrupted_training_resumes_inside_resume_block(tiny_data, tmp_path):
 
 
 def test_unreadable_checkpoint_is_refused_not_overwritten(tiny_data, tmp_path):
-    from yolocomp.integration.ultralytics import resume_interrupted
-
     last = tmp_path / "run" / "weights" / "last.pt"
     last.parent.mkdir(parents=True)
     last.write_bytes(b"half-written checkpoint")
@@ -214,3 +218,120 @@ def test_unreadable_checkpoint_is_refused_not_overwritten(tiny_data, tmp_path):
     assert "\n" not in str(err.value)
     assert last.read_bytes() == b"half-written checkpoint"  # the user's file is untouched
     assert not (tmp_path / "run" / "results.csv").exists()  # and no training started over it
+
+
+def test_corrupt_checkpoint_gives_one_readable_line(tmp_path):
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x00garbage bytes, not a checkpoint\xff" * 4)
+    with pytest.raises(UserError) as err:
+        load_model(corrupt)
+    assert str(err.value) == (f"cannot read checkpoint {corrupt}: not a PyTorch/Ultralytics checkpoint (file corrupt or "
+                              "truncated); give a .pt saved by Ultralytics or yolocomp")
+
+
+class TrainingStateSpy(Method):
+    """Records, after the first epoch's optimizer step, what Ultralytics' optimizer and EMA hold."""
+
+    name = "spy"
+
+    def __init__(self):
+        self.seen: dict = {}
+
+    def on_epoch_end(self, trainer):
+        model = unwrap(trainer.model)
+        in_optimizer = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+        args = trainer.args
+        uncapped = max(round(args.nbs / trainer.batch_size), 1)  # Ultralytics' formula, before capping accumulate
+        self.seen = {
+            "trainable_missing": [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in in_optimizer],
+            "ema_keys_equal": set(trainer.ema.ema.state_dict()) == set(model.state_dict()),
+            "weight_decay": {g["weight_decay"] for g in trainer.optimizer.param_groups if g.get("param_group") == "weight"},
+            "expected_decay": args.weight_decay * trainer.batch_size * uncapped / args.nbs,
+            "accumulate": trainer.accumulate,
+        }
+
+
+@pytest.mark.parametrize("kind", ["cap_cli", "qat_attach"])
+def test_prepare_runs_before_optimizer_ema_and_weight_decay(tiny_data, tmp_path, kind):
+    from yolocomp.prune.cap import AttentionGate, ChannelAttentionPruning
+    from yolocomp.quant.modules import quant_convs
+    from yolocomp.quant.qat import QuantizationAwareTraining
+
+    spy = TrainingStateSpy()
+    if kind == "cap_cli":
+        method = ChannelAttentionPruning(ratio=None)
+        result = train(load_model("yolov8n.yaml", nc=3), str(tiny_data), [method, spy], tmp_path, "run", **TRAIN_ARGS)
+        trained = load_model(result.last)
+        assert any(isinstance(m, AttentionGate) for m in trained.modules())
+    else:
+        from ultralytics import YOLO
+
+        yolo = YOLO(str(save_model(load_model("yolov8n.yaml", nc=3), tmp_path / "start.pt")))
+        hub = attach(yolo, QuantizationAwareTraining(calib_images=8), spy)
+        yolo.train(data=str(tiny_data), project=str(tmp_path), name="qat", exist_ok=True, device="cpu", workers=0,
+                   plots=False, **TRAIN_ARGS)
+        assert quant_convs(unwrap(hub.trainer.model))
+    seen = spy.seen
+    assert seen["trainable_missing"] == []
+    assert seen["ema_keys_equal"]
+    assert seen["accumulate"] == 2  # capped: 2 batches in the whole run ...
+    (decay,) = seen["weight_decay"]
+    assert decay == pytest.approx(seen["expected_decay"])  # ... but the decay uses the uncapped 8
+    assert seen["expected_decay"] == pytest.approx(5e-4)
+
+
+def test_cap_statistics_survive_resume(tiny_data, tmp_path):
+    from yolocomp.prune.cap import ChannelAttentionPruning
+
+    args = {**TRAIN_ARGS, "epochs": 3}
+    with pytest.raises(KeyboardInterrupt):
+        train(load_model("yolov8n.yaml", nc=3), str(tiny_data), [ChannelAttentionPruning(ratio=None), StopAfterFirstEpoch()],
+              tmp_path, "run", **args)
+    cap = ChannelAttentionPruning(ratio=None)
+    assert cap.finalize(load_model(tmp_path / "run" / "weights" / "last.pt")) is not None and cap.batches == 2  # epoch 1
+    with resume_interrupted():
+        train(load_model("yolov8n.yaml", nc=3), str(tiny_data), [cap], tmp_path, "run", **args)
+    assert cap.batches == 6, "2 batches per epoch, 3 epochs: the resumed run continued the averages"
+    assert cap.scores() and all(torch.isfinite(v).all() for v in cap.scores().values())
+
+
+def test_users_yolo_resume_keeps_cap_gates_and_statistics(tiny_data, tmp_path):
+    from ultralytics import YOLO
+
+    from yolocomp.prune.cap import AttentionGate, ChannelAttentionPruning
+
+    args = {**TRAIN_ARGS, "epochs": 3}
+    common = {"data": str(tiny_data), "project": str(tmp_path), "name": "user", "exist_ok": True, "device": "cpu",
+              "workers": 0, "plots": False}
+    yolo = YOLO(str(save_model(load_model("yolov8n.yaml", nc=3), tmp_path / "start.pt")))
+    attach(yolo, ChannelAttentionPruning(ratio=None), StopAfterFirstEpoch())
+    with pytest.raises(KeyboardInterrupt):
+        yolo.train(**common, **args)
+    last = tmp_path / "user" / "weights" / "last.pt"
+    def gate_state(model):
+        return {n: torch.cat([m.attn_mean, m.attn_batches.reshape(1)]).float().clone() for n, m in model.named_modules()
+                if isinstance(m, AttentionGate)}
+
+    gates_before = gate_state(load_model(last))
+    assert gates_before and all(float(v[-1]) == 2 for v in gates_before.values()), "epoch 1's statistics were saved"
+
+    resumed = YOLO(str(last))
+    cap = ChannelAttentionPruning(ratio=None)
+    hub = attach(resumed, cap)
+    seen = {}
+    resumed.add_callback("on_pretrain_routine_end", lambda trainer: seen.update(gate_state(unwrap(trainer.model))))
+    resumed.train(resume=True)
+    assert set(seen) == set(gates_before) and all(torch.equal(seen[n], w) for n, w in gates_before.items()), \
+        "resume trains the checkpoint's gates, not a fresh yaml rebuild"
+    assert cap.finalize(unwrap(hub.trainer.ema.ema)) is not None and cap.batches == 6
+
+
+def test_callbacks_without_prepare_refuse_structural_changes():
+    """Callbacks added by hand (no attach, no with_prepare trainer) cannot change the model after the optimizer exists."""
+    from types import SimpleNamespace
+
+    model = load_model("yolov8n.yaml", nc=3)
+    trainer = SimpleNamespace(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0))
+    with pytest.raises(UserError, match="changed the model after Ultralytics built its optimizer.*with_prepare"):
+        CallbackHub([AddScale()]).on_pretrain_routine_end(trainer)
+    CallbackHub([CountingMethod()]).on_pretrain_routine_end(trainer)  # no structural change: fine

@@ -15,7 +15,7 @@ import yaml
 from yolocomp import recipe as rc
 from yolocomp.commands.run import run
 from yolocomp.errors import UserError
-from yolocomp.integration.ultralytics import is_resumable
+from yolocomp.integration import is_resumable
 
 pytestmark = pytest.mark.slow
 

@@ -307,11 +307,22 @@ def test_cap_gates_are_identity_then_prune_and_vanish():
     gates = [m for m in model.modules() if isinstance(m, AttentionGate)]
     assert gates
     torch.testing.assert_close(model.eval()(x)[0], ref)  # 2·sigmoid(0) = 1: the gates start as identity
-    model.train()  # statistics accumulate over training batches only
-    for _ in range(3):
-        model(torch.rand(2, 3, IMG, IMG))
-        cap.accumulate(model)
-    assert cap.batches == 3 and all(v.numel() > 0 for v in cap.scores().values())
+    model.eval()(x)  # eval forwards leave no statistics
+    assert all(float(g.attn_batches) == 0 for g in gates)
+    model.train()  # statistics accumulate over training batches only, in the gates' buffers
+    batch_means = []
+    hook = gates[0].attn.register_forward_hook(lambda m, i, out: batch_means.append(out.detach().mean(0)))
+    with torch.no_grad():
+        for p in (p for g in gates for p in g.attn.parameters()):
+            p.normal_(0, 0.5)  # attention away from 1 so the means differ per channel
+        for _ in range(3):
+            model(torch.rand(2, 3, IMG, IMG))
+    hook.remove()
+    assert all(float(g.attn_batches) == 3 for g in gates)
+    torch.testing.assert_close(gates[0].attn_mean, torch.stack(batch_means).mean(0))
+    scores = cap.scores(model)
+    assert len(scores) == len(gates) and all(v.numel() > 0 for v in scores.values())
+    assert {f"{n}.attn_mean" for n in scores} <= set(model.state_dict())  # checkpoints and the EMA carry them
     cap = pickle.loads(pickle.dumps(cap))
     pruned = cap.finalize(model)
     assert not any(isinstance(m, AttentionGate) for m in pruned.modules())

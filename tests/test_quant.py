@@ -300,3 +300,20 @@ def test_qat_defaults_self_distil_without_label_loss(synthetic_data, tmp_path, l
     assert losses["train/box_loss"] == losses["train/cls_loss"] == 0.0 and losses["train/kdcls_loss"] > 0
     with pytest.raises(UserError, match="teacher"):
         qat(deepcopy(lively), synthetic_data, tmp_path / "bad", teacher=None, label_loss=False)
+
+
+def test_qat_never_quantizes_distillation_adapters():
+    from ultralytics.nn.tasks import DetectionModel
+
+    from yolocomp.distill import FineGrainedImitation
+    from yolocomp.methods import training_module
+    from yolocomp.quant.qat import QuantizationAwareTraining
+
+    student = DetectionModel("yolov8n.yaml", nc=3, verbose=False)
+    kd = FineGrainedImitation(DetectionModel("yolov8s.yaml", nc=3, verbose=False))
+    assert kd.prepare(student)  # adapters first: the order a user may attach them in
+    assert QuantizationAwareTraining().prepare(student)
+    adapters = training_module(student, kd.name)
+    assert adapters is not None and any(isinstance(m, nn.Conv2d) for m in adapters.modules())
+    assert not any(isinstance(m, QConv) for m in adapters.modules())
+    assert len(quant_convs(student)) == 63  # the student itself is fully quantized

@@ -8,7 +8,7 @@ from yolocomp.methods import Method  # noqa: E402
 
 def attach(yolo, *methods):  # noqa: ANN001, ANN201 - thin re-export keeps `import yolocomp` light
     """Attach compression methods to an ``ultralytics.YOLO`` object; see :func:`yolocomp.integration.attach`."""
-    from yolocomp.integration.ultralytics import attach as _attach
+    from yolocomp.integration.hooks import attach as _attach
 
     return _attach(yolo, *methods)
 

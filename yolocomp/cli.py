@@ -101,7 +101,7 @@ def _stage_command(args: argparse.Namespace) -> dict:
     from yolocomp.commands import STAGE_RUNNERS
     from yolocomp.commands.common import ensure_weights, out_dir, recipe_data, resolve_device, restore_on_error, size_mb
     from yolocomp.commands.common import work_dir as work
-    from yolocomp.integration.ultralytics import resume_interrupted
+    from yolocomp.integration import resume_interrupted
     from yolocomp.report import print_table
 
     recipe = _recipe(args, args.command)

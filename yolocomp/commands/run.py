@@ -32,7 +32,7 @@ from yolocomp.commands.common import (
 )
 from yolocomp.config.options import settings
 from yolocomp.errors import StageInterrupted, UserError
-from yolocomp.integration.ultralytics import resume_interrupted
+from yolocomp.integration import resume_interrupted
 from yolocomp.recipe import BRANCH_STAGES, MODEL_STAGES, Recipe
 from yolocomp.report import pareto_plot, print_table, write_json, write_report
 

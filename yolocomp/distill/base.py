@@ -1,8 +1,13 @@
 """Shared teacher handling for every distillation method.
 
-The teacher is loaded (path) or copied (module) at ``attach`` time, frozen, put in eval mode, moved to the trainer's
+The teacher is loaded (path) or copied (module) in ``prepare``, frozen, put in eval mode, moved to the student's
 device and kept on the method, never on the student, so it never reaches Ultralytics' checkpoints or EMA. It runs once
 per batch inside ``extra_loss``, i.e. inside the trainer's autocast context, under ``torch.no_grad()``.
+
+The adapters (and FGD's context blocks) are built in ``prepare`` and registered on the student as training-only
+modules (:func:`yolocomp.methods.add_training_module`), before Ultralytics builds its optimizer: its optimizer, AMP
+scaler, DDP all-reduce, gradient clipping, EMA and resumable checkpoints handle them like any layer. ``finalize`` (and
+:func:`yolocomp.integration.save_model`) strip them, so the delivered student is a plain Ultralytics model.
 """
 
 from __future__ import annotations
@@ -14,16 +19,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from yolocomp.distill.adapters import AuxOptimizer, make_adapter
+from yolocomp.distill.adapters import make_adapter
 from yolocomp.distill.taps import FeatureTap, head_input_layers, probe_shapes, run_taps
 from yolocomp.errors import UserError
-from yolocomp.methods import Method
+from yolocomp.methods import Method, add_training_module, strip_training_modules, training_module
 
-_RUNTIME = ("teacher", "student_tap", "teacher_tap", "aux", "aux_optimizer", "levels")
+_RUNTIME = ("teacher", "student_tap", "teacher_tap", "aux", "levels")
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    from yolocomp.integration.ultralytics import unwrap
+    from yolocomp.integration import unwrap
 
     return unwrap(model)
 
@@ -41,7 +46,8 @@ class TeacherDistiller(Method):
     else the teacher's Detect inputs). Tapped levels must have equal spatial sizes; widths may differ (adapters).
 
     Subclasses implement :meth:`build_aux` (training-only modules, given per-level student/teacher channels) and
-    :meth:`losses` (the loss dict from student/teacher features, outputs and the batch).
+    :meth:`losses` (the loss dict from student/teacher features, outputs and the batch). The training-only modules
+    are registered on the student under the method's ``name``.
     """
 
     name = "kd"
@@ -69,7 +75,7 @@ class TeacherDistiller(Method):
     # --- setup ---------------------------------------------------------------------------------------------------------
     def load_teacher(self) -> nn.Module:
         """A frozen eval-mode copy of the teacher (the caller's module is never modified)."""
-        from yolocomp.integration.ultralytics import load_model
+        from yolocomp.integration import load_model
 
         source = self.teacher_source
         teacher = load_model(source) if isinstance(source, str) else deepcopy(load_model(source))
@@ -108,34 +114,65 @@ class TeacherDistiller(Method):
         if getattr(s_head, "reg_max", None) != getattr(t_head, "reg_max", None):
             raise UserError(f"student head uses reg_max={s_head.reg_max} but the teacher {t_head.reg_max}; use a teacher of the same family")
 
-    def setup(self, student: nn.Module, device: torch.device | str = "cpu", optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Load and check the teacher, attach taps, build adapters; usable without a trainer (tests, custom loops)."""
+    def prepare(self, model: nn.Module) -> bool:
+        """Load and check the teacher; build the training-only modules on the student (reused when resumed)."""
+        student = _unwrap(model)
+        device = next(student.parameters()).device
+        if self.teacher is None:
+            teacher = self.load_teacher()
+            self.check_compatible(student, teacher)
+            self.teacher = teacher.to(device)
+        if not self.uses_features:
+            self.aux = nn.ModuleDict()
+            return False
+        s_layers, t_layers = self.resolve_layers(student, self.teacher)
+        self.levels = self.probe_levels(student, s_layers, t_layers, device)
+        self.aux = training_module(student, self.name)
+        if self.aux is not None:
+            return False  # resumed: the checkpoint holds the trained modules
+        self.aux = add_training_module(student, self.name, self.build_aux(self.levels).to(device))
+        return True
+
+    def probe_levels(self, student: nn.Module, s_layers: list[int], t_layers: list[int], device: torch.device) -> list[tuple[int, int]]:
+        """(student, teacher) channels per tapped level; refuses levels whose spatial sizes differ."""
+        imgsz = int(max(float(student.stride.max()), 32)) * 2
+        student_tap = FeatureTap(s_layers).attach(student)
+        teacher_tap = FeatureTap(t_layers, stop_early=not self.needs_teacher_head()).attach(self.teacher)
+        try:  # the taps come off again: the EMA, built next, must not copy them
+            s_shapes = probe_shapes(student, student_tap, imgsz, device)
+            t_shapes = probe_shapes(self.teacher, teacher_tap, imgsz, device)
+        finally:
+            student_tap.detach()
+            teacher_tap.detach()
+        for level, (s, t) in enumerate(zip(s_shapes, t_shapes)):
+            if s[1:] != t[1:]:
+                raise UserError(
+                    f"feature level {level}: student layer {s_layers[level]} is {s[1]}x{s[2]} but teacher layer "
+                    f"{t_layers[level]} is {t[1]}x{t[2]} for a {imgsz}px input; pass layers with matching strides"
+                )
+        return [(s[0], t[0]) for s, t in zip(s_shapes, t_shapes)]
+
+    def attach_taps(self, model: nn.Module) -> None:
+        """Feature taps on the (prepared) student and the teacher; after the EMA exists, so it never copies them."""
+        student = _unwrap(model)
+        for tap in (self.student_tap, self.teacher_tap):
+            if tap is not None:
+                tap.detach()
+        self.student_tap = self.teacher_tap = None
+        if self.uses_features:
+            s_layers, t_layers = self.resolve_layers(student, self.teacher)
+            self.student_tap = FeatureTap(s_layers).attach(student)
+            self.teacher_tap = FeatureTap(t_layers, stop_early=not self.needs_teacher_head()).attach(self.teacher)
+            self.aux = training_module(student, self.name)
+
+    def setup(self, student: nn.Module, device: torch.device | str | None = None) -> None:
+        """``prepare`` and taps in one call, without a trainer (tests, custom loops); ``student`` is moved to ``device``."""
         self.release()
         student = _unwrap(student)
-        device = torch.device(device)
-        teacher = self.load_teacher()
-        self.check_compatible(student, teacher)
-        self.teacher = teacher.to(device)
-        if self.uses_features:
-            s_layers, t_layers = self.resolve_layers(student, teacher)
-            self.student_tap = FeatureTap(s_layers)
-            self.teacher_tap = FeatureTap(t_layers, stop_early=not self.needs_teacher_head())
-            imgsz = int(max(float(student.stride.max()), 32)) * 2
-            self.student_tap.attach(student)
-            self.teacher_tap.attach(self.teacher)
-            s_shapes = probe_shapes(student, self.student_tap, imgsz, device)
-            t_shapes = probe_shapes(self.teacher, self.teacher_tap, imgsz, device)
-            for level, (s, t) in enumerate(zip(s_shapes, t_shapes)):
-                if s[1:] != t[1:]:
-                    raise UserError(
-                        f"feature level {level}: student layer {s_layers[level]} is {s[1]}x{s[2]} but teacher layer "
-                        f"{t_layers[level]} is {t[1]}x{t[2]} for a {imgsz}px input; pass layers with matching strides"
-                    )
-            self.levels = [(s[0], t[0]) for s, t in zip(s_shapes, t_shapes)]
-            self.aux = self.build_aux(self.levels).to(device)
-        else:
-            self.aux = nn.ModuleDict()
-        self.aux_optimizer = AuxOptimizer(self.aux, optimizer)
+        if device is not None:
+            student.to(torch.device(device))
+        self.prepare(student)
+        self.attach_taps(student)
 
     def needs_teacher_head(self) -> bool:
         return False
@@ -153,11 +190,14 @@ class TeacherDistiller(Method):
 
     # --- Method hooks --------------------------------------------------------------------------------------------------
     def attach(self, trainer: Any) -> None:
-        self.setup(trainer.model, trainer.device, getattr(trainer, "optimizer", None))
+        if self.teacher is None:  # prepare ran in another process (never expected) or the method was released
+            self.prepare(trainer.model)
+        self.attach_taps(trainer.model)
 
     def extra_loss(self, trainer: Any, batch: dict, preds: Any) -> dict[str, torch.Tensor]:
-        if self.teacher is None:
-            self.setup(trainer.model, batch["img"].device, getattr(trainer, "optimizer", None))
+        if self.teacher is None or (self.uses_features and self.student_tap is None):
+            self.prepare(trainer.model)
+            self.attach_taps(trainer.model)
         with torch.no_grad():
             teacher_out = run_taps(self.teacher, self.teacher_tap, batch["img"]) if self.uses_features else self.teacher(batch["img"])
         try:
@@ -175,16 +215,12 @@ class TeacherDistiller(Method):
     def adapt(self, level: int, feat: torch.Tensor) -> torch.Tensor:
         return self.aux["adapters"][level](feat.float())
 
-    def before_step(self, trainer: Any) -> None:
-        if self.aux_optimizer is not None:
-            self.aux_optimizer.step(trainer)
-
     def on_train_end(self, trainer: Any) -> None:
         self.release()
 
     def finalize(self, model: nn.Module) -> nn.Module:
-        # Nothing to strip: taps live on the training model only and adapters/teacher were never part of it.
-        return model
+        # Taps live on the training model only and the teacher was never part of it; adapters go here.
+        return strip_training_modules(model)
 
     def __repr__(self) -> str:
         source = self.teacher_source if isinstance(self.teacher_source, str) else type(self.teacher_source).__name__

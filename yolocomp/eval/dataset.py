@@ -50,7 +50,9 @@ def load_valset(data: str | Path, images: int | None = None) -> ValSet:
 def _image_files(root: Path, val: str | list, data: str | Path) -> list[Path]:
     files = list_images(val, root, what="val images", source=data)
     if not files:
-        raise UserError(f"no val images found in '{val}' of {data} (expected a folder of images or a .txt list)")
+        from yolocomp.integration.io import data_label
+
+        raise UserError(f"no val images found in '{val}' of {data_label(data)} (expected a folder of images or a .txt list)")
     return files
 
 

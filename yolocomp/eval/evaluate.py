@@ -116,12 +116,15 @@ def _versions() -> dict[str, str | None]:
 def _evaluate(model, data, valset, imgsz, device, batch, conf, iou, max_det, images, json_out, threads, progress) -> dict:
     from tqdm import tqdm
 
+    from yolocomp.integration.io import data_label
+
     runner = make_runner(model, device, threads)
     if getattr(runner, "fixed_imgsz", None) and runner.fixed_imgsz != imgsz:
         raise UserError(f"{runner.source} takes {runner.fixed_imgsz}px input; pass --imgsz {runner.fixed_imgsz} or re-export")
     nc = len(valset.names)
     if getattr(runner, "nc", 0) and runner.nc != nc:
-        raise UserError(f"model {runner.source} predicts {runner.nc} classes but {data} names {nc}; use matching data")
+        raise UserError(f"model {runner.source} predicts {runner.nc} classes but {data_label(data)} names {nc}; use "
+                        "matching data")
     gt = load_ground_truth(valset)
 
     start = time.perf_counter()
@@ -140,7 +143,7 @@ def _evaluate(model, data, valset, imgsz, device, batch, conf, iou, max_det, ima
         "images": len(valset.images),
         "detections": len(detections),
         "model": runner.source,
-        "data": str(data),
+        "data": data_label(data),
         "seconds": round(time.perf_counter() - start, 2),
         "settings": {
             "imgsz": imgsz,

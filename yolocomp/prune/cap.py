@@ -6,6 +6,10 @@ gate is exactly the identity and training only moves it where a channel matters 
 each channel over the training batches is its importance: unlike BN γ, it is measured on the same scale in every
 stage, so one global threshold does not over-prune the neck. ``finalize`` unwraps the gates (no extra layers remain)
 and prunes by those means.
+
+The means are buffers of the gates, not state of the method: checkpoints, resume, the EMA and every DDP worker carry
+them. Each epoch end merges them over DDP ranks (weighted by batches) and copies them into the EMA verbatim (the EMA
+would otherwise average a running mean), so the checkpoint Ultralytics saves right after holds the exact statistics.
 """
 
 from __future__ import annotations
@@ -53,14 +57,18 @@ class SE(nn.Module):
 
 
 class AttentionGate(nn.Module):
-    """A Conv followed by channel attention; remembers the batch's mean attention while training."""
+    """A Conv followed by channel attention; keeps the running mean attention per channel over training batches."""
+
+    STATISTICS = ("attn_mean", "attn_batches")
 
     def __init__(self, block: nn.Module, kind: str = "eca"):
         super().__init__()
         channels = block.conv.out_channels
         self.block = block
         self.attn = ECA(channels) if kind == "eca" else SE(channels)
-        self.last: torch.Tensor | None = None
+        # float, not int: a merge over DDP ranks leaves fractional counts (see merge_statistics)
+        self.register_buffer("attn_mean", torch.zeros(channels))
+        self.register_buffer("attn_batches", torch.zeros(()))
         for attr in ("f", "i", "type", "np"):  # a top-level layer: DetectionModel routes by these
             if hasattr(block, attr):
                 setattr(self, attr, getattr(block, attr))
@@ -69,7 +77,9 @@ class AttentionGate(nn.Module):
         y = self.block(x)
         a = self.attn(y)
         if self.training:
-            self.last = a.detach().mean(0)
+            with torch.no_grad():
+                self.attn_batches += 1
+                self.attn_mean += (a.detach().float().mean(0) - self.attn_mean) / self.attn_batches
         return y * a[:, :, None, None]
 
 
@@ -94,8 +104,8 @@ class ChannelAttentionPruning(Method):
         self.min_channels, self.round_to, self.ignore, self.imgsz = min_channels, round_to, tuple(ignore), imgsz
         self.max_layer_ratio = max_layer_ratio
         self.calib = calib  #: images for mean compensation when pruning (optional)
-        self.sums: dict[str, torch.Tensor] = {}
-        self.batches = 0
+        self.importance: dict[str, torch.Tensor] | None = None  #: scores read by the last finalize
+        self.batches = 0.0  #: training batches behind them (per rank under DDP)
         self.summary: dict | None = None
 
     def __getstate__(self) -> dict:
@@ -125,30 +135,26 @@ class ChannelAttentionPruning(Method):
         return changed
 
     # --- statistics ---------------------------------------------------------------------------------------------------
-    def extra_loss(self, trainer: Any, batch: dict, preds: Any) -> dict[str, torch.Tensor]:
-        from yolocomp.integration.ultralytics import unwrap
+    def on_epoch_end(self, trainer: Any) -> None:
+        from yolocomp.integration import unwrap
+        from yolocomp.integration.access import ema_model
 
-        self.accumulate(unwrap(trainer.model))
-        return {}
+        model = unwrap(trainer.model)
+        merge_statistics(model)
+        ema = ema_model(trainer)
+        if ema is not None:
+            copy_statistics(model, ema)
 
-    def accumulate(self, model: nn.Module) -> None:
-        """Add each gate's last batch attention to the running sums (called once per training batch)."""
-        seen = False
-        for name, m in model.named_modules():
-            if isinstance(m, AttentionGate) and m.last is not None:
-                key = name.removesuffix(".block")
-                a = m.last.float().cpu()
-                self.sums[key] = self.sums[key] + a if key in self.sums else a.clone()
-                m.last = None
-                seen = True
-        self.batches += int(seen)
-
-    def scores(self) -> dict[str, torch.Tensor]:
-        if not self.batches:
+    def scores(self, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """Mean attention per channel of every gate of ``model``, keyed by the gated conv's name; without a model, the
+        scores the last ``finalize`` read (its result has no gates left)."""
+        scores = self.importance if model is None else read_statistics(model)[0]
+        if scores is None:
             raise UserError("CAP has no attention statistics: train with the method attached before finalize()")
-        return {k: v / self.batches for k, v in self.sums.items()}
+        return scores
 
     def finalize(self, model: nn.Module) -> nn.Module:
+        self.importance, self.batches = read_statistics(model)  # kept: the returned model has no gates
         plain = strip_gates(model, copy=True)
         if self.ratio is None and self.flops_reduction is None:
             return plain
@@ -175,3 +181,40 @@ def strip_gates(model: nn.Module, copy: bool = False) -> nn.Module:
         if isinstance(m, AttentionGate):
             _set(out, name, m.block)
     return out
+
+
+def read_statistics(model: nn.Module) -> tuple[dict[str, torch.Tensor] | None, float]:
+    """(mean attention per channel keyed by gated conv name, batches seen) from the gates; (None, 0) without any."""
+    gates = {name.removesuffix(".block"): m for name, m in model.named_modules() if isinstance(m, AttentionGate)}
+    batches = min((float(m.attn_batches) for m in gates.values()), default=0.0)
+    if batches <= 0:
+        return None, 0.0
+    return {name: m.attn_mean.detach().float().cpu().clone() for name, m in gates.items()}, batches
+
+
+def merge_statistics(model: nn.Module) -> None:
+    """Make every DDP rank's gate statistics the batch-weighted mean over all ranks (no-op without DDP).
+
+    Each rank then holds ``batches = total / world``, so merging again after more local batches stays exact.
+    """
+    from yolocomp.integration.access import all_reduce_sum_
+
+    gates = [m for m in model.modules() if isinstance(m, AttentionGate)]
+    totals = [t for g in gates for t in (g.attn_mean * g.attn_batches, g.attn_batches.clone().reshape(1))]
+    world = all_reduce_sum_(totals)
+    if world == 1:
+        return
+    with torch.no_grad():
+        for g, weighted, batches in zip(gates, totals[0::2], totals[1::2]):
+            if float(batches) > 0:
+                g.attn_mean.copy_(weighted / batches)
+                g.attn_batches.fill_(float(batches) / world)
+
+
+def copy_statistics(source: nn.Module, target: nn.Module) -> None:
+    """Copy the gates' statistics buffers from ``source`` into the same-structured ``target`` (e.g. the EMA)."""
+    buffers = dict(target.named_buffers())
+    with torch.no_grad():
+        for name, value in source.named_buffers():
+            if name.rpartition(".")[2] in AttentionGate.STATISTICS and name in buffers:
+                buffers[name].copy_(value)

@@ -21,7 +21,7 @@ def conv_channels(model: nn.Module) -> int:
 
 
 def _check_model(model: nn.Module) -> None:
-    from yolocomp.integration.ultralytics import is_detection_model
+    from yolocomp.integration.io import is_detection_model
 
     if not is_detection_model(model):
         raise UserError(f"{type(model).__name__} is not an Ultralytics detection model; the pruner needs a YOLO detector")

@@ -23,7 +23,7 @@ THRESHOLDS = (1e-3, 1e-2, 1e-1)
 
 def prunable_bn_names(model: nn.Module, ignore: tuple[int, ...] = ()) -> list[str]:
     """Names of the BatchNorm layers whose channels the pruner may remove (backbone + neck, ignore excluded)."""
-    from yolocomp.integration.ultralytics import unwrap
+    from yolocomp.integration import unwrap
     from yolocomp.prune.graph import build_graph
 
     graph = build_graph(unwrap(model), ignore)
@@ -71,7 +71,7 @@ class BNSlimming(Method):
         return self.s * (1.0 - (1.0 - self.final_factor) * progress)
 
     def gammas(self, model: nn.Module) -> list[torch.Tensor]:
-        from yolocomp.integration.ultralytics import unwrap
+        from yolocomp.integration import unwrap
 
         modules = dict(unwrap(model).named_modules())
         return [modules[n].weight for n in self.bn_names if n in modules]

@@ -1,0 +1,147 @@
+"""The CLI's trainer: train an in-memory (pruned, quantized) model with methods attached, resume interrupted runs."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from yolocomp.errors import UserError, first_line
+from yolocomp.integration.hooks import _WITH_PREPARE, CallbackHub, PrepareBeforeOptimizer, as_training_model
+from yolocomp.methods import Method
+
+
+def _detection_trainer_cls() -> type:
+    from ultralytics.models.yolo.detect import DetectionTrainer
+
+    return DetectionTrainer
+
+
+class DetectionTrainerWithPrepare(PrepareBeforeOptimizer, _detection_trainer_cls()):
+    """Ultralytics' DetectionTrainer with methods' ``prepare`` before the optimizer: what a user's ``YOLO(...).train()``
+    runs after :func:`yolocomp.attach` (importable, so DDP workers unpickle it by reference)."""
+
+
+_WITH_PREPARE[_detection_trainer_cls()] = DetectionTrainerWithPrepare
+
+
+class CompressionTrainer(PrepareBeforeOptimizer, _detection_trainer_cls()):
+    """DetectionTrainer that trains the model it is given (or resumes) as-is.
+
+    Stock Ultralytics rebuilds the model from its yaml and copies matching weights, which would silently drop pruned
+    shapes and quantizer modules. Here a module passed as weights (a checkpoint's EMA on resume) is used directly.
+    Methods' ``prepare`` runs before the optimizer is built (:class:`PrepareBeforeOptimizer`).
+    """
+
+    def get_model(self, cfg: Any = None, weights: Any = None, verbose: bool = True) -> nn.Module:
+        if isinstance(weights, nn.Module):
+            return as_training_model(weights)
+        return super().get_model(cfg=cfg, weights=weights, verbose=verbose)
+
+
+_RESUME_INTERRUPTED: contextvars.ContextVar[bool] = contextvars.ContextVar("yolocomp_resume_interrupted", default=False)
+
+
+@contextlib.contextmanager
+def resume_interrupted() -> Iterator[None]:
+    """Within this block, :func:`train` resumes a run whose folder holds an unfinished checkpoint instead of starting
+    over (used by ``yolocomp run`` so an interrupted stage continues from its last epoch)."""
+    token = _RESUME_INTERRUPTED.set(True)
+    try:
+        yield
+    finally:
+        _RESUME_INTERRUPTED.reset(token)
+
+
+def is_resumable(checkpoint: str | Path) -> bool:
+    """An Ultralytics checkpoint of an unfinished run (finished runs have their optimizer stripped).
+
+    An unreadable file is an error, not "start over": restarting would overwrite the run the user wants resumed."""
+    try:
+        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise UserError(f"cannot resume from {checkpoint}: unreadable checkpoint ({first_line(e)}); restore it, or delete "
+                        f"it to restart that training from scratch") from None
+    return isinstance(ckpt, dict) and ckpt.get("optimizer") is not None and ckpt.get("epoch", -1) >= 0
+
+
+def _drop_rows_after_checkpoint(last: Path) -> None:
+    """A kill between Ultralytics writing an epoch's results.csv row and its checkpoint leaves a row the resumed run
+    writes again; keep only the rows up to the checkpoint's epoch so every epoch appears once."""
+    epoch = torch.load(last, map_location="cpu", weights_only=False)["epoch"]  # 0-based, last finished epoch
+    csv = last.parent.parent / "results.csv"
+    if not csv.exists():
+        return
+    header, *rows = csv.read_text().splitlines()
+    kept = [r for r in rows if r and float(r.split(",", 1)[0]) <= epoch + 1]
+    if len(kept) != len(rows):
+        csv.write_text("\n".join([header, *kept]) + "\n")
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module  #: best checkpoint's model after every method's ``finalize``
+    save_dir: Path
+    best: Path
+    last: Path
+    metrics: dict
+
+
+def train(
+    model: nn.Module | None,
+    data: str,
+    methods: Sequence[Method],
+    project: str | Path,
+    name: str,
+    resume: str | Path | None = None,
+    **overrides: Any,
+) -> TrainResult:
+    """Train ``model`` (or resume ``resume``) with ``methods`` attached, then finalize the best checkpoint."""
+    from ultralytics.nn.tasks import load_checkpoint
+    from ultralytics.utils import callbacks as ul_callbacks
+
+    if resume is None and _RESUME_INTERRUPTED.get():
+        last = Path(project) / name / "weights" / "last.pt"
+        if last.exists() and is_resumable(last):
+            resume = last
+            _drop_rows_after_checkpoint(last)
+    hub = CallbackHub(methods)
+    cbs = ul_callbacks.get_default_callbacks()
+    for event, fn in hub.callbacks().items():
+        cbs[event].append(fn)
+    args = {
+        "data": data,
+        "project": str(Path(project).resolve()),
+        "name": name,
+        "exist_ok": True,
+        "device": "cpu",
+        "workers": 0,
+        "plots": False,
+        "verbose": False,
+        **overrides,
+    }
+    if resume is not None:
+        args = {"resume": str(resume), "model": str(resume), **{k: v for k, v in args.items() if k == "device"}}
+        trainer = CompressionTrainer(overrides=args, _callbacks=cbs)
+    else:
+        if model is None:
+            raise UserError("train() needs a model or a checkpoint to resume")
+        args.setdefault("model", getattr(model, "pt_path", None) or "yolocomp.pt")
+        trainer = CompressionTrainer(overrides=args, _callbacks=cbs)
+        trainer.model = model
+    trainer.train()
+    best = trainer.best if trainer.best.exists() else trainer.last
+    trained, _ = load_checkpoint(best)
+    return TrainResult(
+        model=hub.finalize(trained),
+        save_dir=Path(trainer.save_dir),
+        best=Path(trainer.best),
+        last=Path(trainer.last),
+        metrics=dict(getattr(trainer, "metrics", {}) or {}),
+    )
