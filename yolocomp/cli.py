@@ -96,23 +96,12 @@ def _recipe(args: argparse.Namespace, stage: str):  # noqa: ANN202
 
 
 def _stage_command(args: argparse.Namespace) -> dict:
-    from dataclasses import replace
-
-    from yolocomp.commands import STAGE_RUNNERS
-    from yolocomp.commands.common import ensure_weights, out_dir, recipe_data, resolve_device, restore_on_error, size_mb
-    from yolocomp.commands.common import work_dir as work
-    from yolocomp.integration import resume_interrupted
+    from yolocomp.commands.common import run_stage_command, size_mb
     from yolocomp.report import print_table
 
     recipe = _recipe(args, args.command)
-    recipe = replace(recipe, device=resolve_device(recipe.device))
-    out = out_dir(recipe, args.command, args.out)
-    with restore_on_error(out):
-        ensure_weights(str(recipe.model), "--weights" if args.command == "prune" else "--model")
-        out.mkdir(parents=True, exist_ok=True)
-        data = recipe_data(recipe, work(out))
-        with resume_interrupted():  # re-running an interrupted command continues its training from last.pt
-            result = STAGE_RUNNERS[args.command](recipe, str(recipe.model), out, data, None)
+    out, result = run_stage_command(args.command, recipe, args.out,
+                                    weights_flag="--weights" if args.command == "prune" else "--model")
     rows = [{"artifact": k, "path": v, "size_mb": size_mb(v)} for k, v in result.artifacts.items()]
     print_table(rows, f"yolocomp {args.command} — outputs in {out}")
     summary = _summary_rows(result.report)

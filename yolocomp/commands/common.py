@@ -168,3 +168,20 @@ def restore_on_error(out: Path, keep: Callable[[Path], bool] | None = None) -> I
             out.mkdir(parents=True, exist_ok=True)
             (out / ERROR_LOG).write_text(f"{e}\n")
         raise
+
+
+def run_stage_command(stage: str, recipe: Recipe, out: str | None, weights_flag: str = "--model") -> tuple[Path, StageResult]:
+    """One stage as its own command (``yolocomp prune`` ...): device, weights and data resolved, ``--out`` restored
+    on bad input, an interrupted training resumed when the same command runs again."""
+    from yolocomp.commands import STAGE_RUNNERS
+    from yolocomp.integration import resume_interrupted
+
+    recipe = replace(recipe, device=resolve_device(recipe.device))
+    folder = out_dir(recipe, stage, out)
+    with restore_on_error(folder):
+        ensure_weights(str(recipe.model), weights_flag)
+        folder.mkdir(parents=True, exist_ok=True)
+        data = recipe_data(recipe, work_dir(folder))
+        with resume_interrupted():
+            result = STAGE_RUNNERS[stage](recipe, str(recipe.model), folder, data, None)
+    return folder, result

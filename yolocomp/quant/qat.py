@@ -5,19 +5,16 @@
 * ``attach`` calibrates the step sizes (percentile by default: FQN's robust ranges) unless they are already set, then
   restarts the EMA so it starts from the calibrated model. It calibrates on ``calib_images`` train images letterboxed
   exactly like evaluation and deployment (what PTQ does), so the ranges do not depend on the augmentation settings
-  (mosaic, HSV, scale) of the training batches; on YOLOv8n at 320 px both gave the same AP and output error.
-  ``calib_images=0`` calibrates on ``calib_batches`` training batches instead.
+  (mosaic, HSV, scale) of the training batches. ``calib_images=0`` calibrates on ``calib_batches`` training batches instead.
 * training learns the activation step sizes with LSQ (AQD: head included). Weight step sizes are learned below 8 bits;
   at 8 bits (``learn_weight_scales=None``) each channel's range instead follows its current BN-folded weight
-  (max-abs, as TensorRT / ModelOpt derive weight scales). Learned per-channel 8-bit weight steps were the sharpest
-  direction of the whole model: from max-abs calibration the largest weight sits on the clip boundary, so LSQ's
-  step gradient is ~20x larger relative to the step than the weights' own, and one SGD step of norm 1e-3 on them
-  (Ultralytics clips the global gradient norm to 10, so lr0=1e-3 moves 1e-2) multiplied the head-output error
-  vs FP32 by 7 on YOLOv8n.
+  (max-abs, as TensorRT / ModelOpt derive weight scales): from max-abs calibration the largest weight sits on the
+  clip boundary, so LSQ's step gradient is large relative to the step and learned 8-bit weight steps become the
+  model's sharpest direction (measurements in tools/README.md).
 * ``on_epoch_end`` freezes BN statistics after ``freeze_bn_epoch`` epochs (FQN): the folded weights then use fixed
   running statistics, exactly what is deployed. The default ``freeze_bn_epoch=0`` freezes them from the start, right
-  for QAT of a converged model: live BN over one epoch of small batches drifted the statistics and raised the
-  head-output error vs FP32 2-4x on YOLOv8n; a later freeze is for long QAT runs that may re-estimate them.
+  for QAT of a converged model, where live BN over a few small batches drifts the statistics; a later freeze is for
+  long QAT runs that may re-estimate them.
 
 AQD's multi-level BN exists because RetinaNet/FCOS share one head across pyramid levels, so one BN would see the
 statistics of all levels. YOLOv8's Detect has separate convs (and BNs) per level (``cv2[i]``, ``cv3[i]``), i.e. it is
