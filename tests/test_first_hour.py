@@ -225,3 +225,20 @@ def test_export_dynamic_batch_lets_bench_time_batch_n(tmp_path, tiny_detector):
 
     result = bench([str(out / "model.onnx")], imgsz=64, batch_sizes=[1, 2], runs=2, warmup=1)
     assert "latency_ms" in result["models"][0]["by_batch"]["2"]
+
+
+def test_eval_takes_the_image_size_from_the_export(tmp_path, tiny_detector, synthetic_data):
+    out = tmp_path / "e.json"  # the fixture's ONNX is a fixed 128 px export; no --imgsz given
+    assert main(["eval", "--model", str(tiny_detector["onnx"]), "--data", str(synthetic_data), "--images", "2",
+                 "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["settings"]["imgsz"] == 128
+
+
+# 8 -------------------------------------------------------------------------------------------------------------------
+def test_corrupt_checkpoint_is_one_readable_line(tmp_path, capsys, synthetic_data):
+    bad = tmp_path / "corrupt.pt"
+    bad.write_bytes(b"\x00not a checkpoint" * 64)
+    assert main(["eval", "--model", str(bad), "--data", str(synthetic_data)]) == 2
+    err = _lines(capsys.readouterr().err)
+    assert len(err) == 1 and err[0].startswith(f"error: cannot read checkpoint {bad}")
+    assert "❌" not in err[0] and "TypeError" not in err[0]

@@ -96,10 +96,8 @@ def main(argv: list[str] | None = None) -> dict:
     teacher_path = str(Path(args.weights).resolve())
     teacher = load_model(teacher_path)
 
-    try:
-        from yolocomp.prune import prune_model
-    except ImportError as e:
-        raise UserError(f"yolocomp.prune.prune_model is not available ({e}); the benchmark needs the pruning stage") from e
+    from yolocomp.prune import prune_model
+
     t0 = time.perf_counter()
     pruned, summary = prune_model(teacher, ratio=args.ratio, method="bn", imgsz=args.imgsz)
     pruned_path = save_model(pruned, out / "pruned.pt", extra={"bench_distill": {"ratio": args.ratio}})

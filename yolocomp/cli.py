@@ -47,10 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--weights", help="start from these weights (overrides the recipe's model)")
         add_flags(p, STAGE_CONFIGS[stage])
 
+    export_size = "image size (default: an exported model's own size from its metadata, else 640)"
     p = sub.add_parser("eval", help="COCO AP / AP50 / AP75 with pycocotools (PyTorch, ONNX Runtime, TensorRT)")
     p.add_argument("--model", required=True, help=".pt, .onnx or .engine")
     p.add_argument("--data", required=True, help="Ultralytics data yaml")
-    p.add_argument("--imgsz", type=int, default=640, help="image size (default: 640)")
+    p.add_argument("--imgsz", type=int, help=export_size)
     p.add_argument("--device", default="cpu", help="auto, cpu, 0 or cuda:0 (default: cpu)")
     p.add_argument("--json", help="write every figure and the settings to this JSON file")
     add_flags(p, STAGE_CONFIGS["eval"])
@@ -58,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="latency p50/p90/p99 and FPS, params, GFLOPs, size")
     p.add_argument("--model", required=True, help=".pt, .onnx or .engine")
     p.add_argument("--compare", nargs="+", default=[], help="more models timed in the same process, interleaved")
-    p.add_argument("--imgsz", type=int, default=640, help="image size (default: 640)")
+    p.add_argument("--imgsz", type=int, help=export_size)
     p.add_argument("--device", default="cpu", help="auto, cpu, 0 or cuda:0 (default: cpu)")
     p.add_argument("--json", help="write the results to this JSON file")
     add_flags(p, STAGE_CONFIGS["bench"])
@@ -137,10 +138,11 @@ def _summary_rows(report: dict) -> list[dict]:
 # --- commands ---------------------------------------------------------------------------------------------------------
 def _cmd_eval(args: argparse.Namespace) -> None:
     from yolocomp.commands.common import resolve_device
-    from yolocomp.commands.measure import evaluate
+    from yolocomp.commands.measure import evaluate, export_imgsz
     from yolocomp.eval.metrics import AP_KEYS
     from yolocomp.report import print_table
 
+    args.imgsz = args.imgsz or export_imgsz(args.model)
     result = evaluate(args.model, args.data, imgsz=args.imgsz, device=resolve_device(args.device), json_out=args.json,
                       **given_flags(args, STAGE_CONFIGS["eval"]))
     print_table([{"model": args.model, "backend": result.get("backend"), "images": result.get("images"),
@@ -149,9 +151,10 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 def _cmd_bench(args: argparse.Namespace) -> None:
     from yolocomp.commands.common import resolve_device
-    from yolocomp.commands.measure import bench, bench_rows
+    from yolocomp.commands.measure import bench, bench_rows, export_imgsz
     from yolocomp.report import print_table
 
+    args.imgsz = args.imgsz or export_imgsz(args.model)
     result = bench([args.model, *args.compare], imgsz=args.imgsz, device=resolve_device(args.device),
                    json_out=args.json, **given_flags(args, STAGE_CONFIGS["bench"]))
     print_table(bench_rows(result), f"yolocomp bench — {args.device}, imgsz {args.imgsz} (speedup = first model's p50 / this p50)")

@@ -3,12 +3,36 @@
 from __future__ import annotations
 
 import tempfile
+from pathlib import Path
 from typing import Any
 
 from yolocomp.config import BenchConfig, EvalConfig
 from yolocomp.config.options import settings
 from yolocomp.errors import UserError
 from yolocomp.recipe import stage_config
+
+
+def export_imgsz(model: Any, default: int = 640) -> int:
+    """The input size an exported model was built for (its ONNX metadata or engine JSON), else ``default``."""
+    import ast
+
+    path = Path(str(model))
+    try:
+        if path.suffix == ".onnx" and path.exists():
+            from yolocomp.export.onnx_metadata import read_metadata
+
+            size = ast.literal_eval(read_metadata(path).get("imgsz", "None"))
+        elif path.suffix == ".engine" and path.exists():
+            from yolocomp.eval.runners.engine_metadata import read_engine_metadata
+
+            size = read_engine_metadata(path).get("imgsz")
+        else:
+            size = None
+    except (ValueError, SyntaxError, UserError, OSError):  # unreadable metadata: the caller's default
+        size = None
+    if isinstance(size, (list, tuple)) and size:
+        size = size[0]
+    return int(size) if isinstance(size, int) else default
 
 
 def evaluate(model: str, data: str, imgsz: int = 640, device: str = "cpu", json_out: str | None = None,

@@ -115,11 +115,9 @@ def compensate(old: nn.Module, new: nn.Module, graph: ChannelGraph, plan: Plan,
 def calibration_images(data: str, imgsz: int, n: int = 32, split: str = "train") -> torch.Tensor | None:
     """Up to ``n`` letterboxed images (N, 3, imgsz, imgsz, 0-1) from a data yaml's split (val when train is absent);
     None when the split holds no images (compensation then falls back to the BN estimate)."""
-    try:
-        from yolocomp.eval.images import dataset_images
-        from yolocomp.eval.preprocess import batches
-    except ImportError:  # evaluation package not installed: fall back to the BN estimate
-        return None
+    from yolocomp.eval.images import dataset_images
+    from yolocomp.eval.preprocess import batches
+
     paths = dataset_images(data, split, missing_ok=True)[:n]
     if not paths:
         return None
