@@ -105,10 +105,13 @@ def prune(
     ap["pruned"] = _evaluate(pruned, eval_data, imgsz, device, batch)
 
     models = {"before": (original, None), "pruned": (pruned, pruned_path)}
+    recovery: dict[str, Any] = {}
     if finetune_epochs:
-        res = train(pruned, data_abs, [], project=out, name="finetune", epochs=finetune_epochs, **train_args)
-        finetuned = res.model
-        ft_path = save_model(finetuned, out / "finetuned.pt", extra={"prune": {"finetune_epochs": finetune_epochs}})
+        started = time.perf_counter()
+        finetuned = _recover(pruned, original, cfg, data_abs, out, train_args, recovery)
+        recovery["seconds"] = round(time.perf_counter() - started, 1)
+        ft_path = save_model(finetuned, out / "finetuned.pt", extra={"prune": {"finetune_epochs": finetune_epochs,
+                                                                              "recover": cfg.recover}})
         ap["finetuned"] = _evaluate(finetuned, eval_data, imgsz, device, batch)
         models["finetuned"] = (finetuned, ft_path)
 
@@ -142,6 +145,7 @@ def prune(
         "prunable_channels": summary["prunable_channels"],
         "stage_pruned_share": summary["stage_pruned_share"],
         "ap": ap,
+        "recovery": recovery,
         "models": rows,
         "layers": summary["layers"],
         "gamma_history": history,
@@ -153,6 +157,23 @@ def prune(
     }
     write_report(out, report)
     return report
+
+
+def _recover(pruned: nn.Module, teacher: nn.Module, cfg: PruneConfig, data: str | None, out: Path,
+             train_args: dict, record: dict) -> nn.Module:
+    """Bring the cut model's AP back: a label fine-tune, or distillation from the uncompressed model (``kd``)."""
+    from yolocomp.integration import train
+
+    if cfg.recover == "labels":
+        record.update(method="labels", epochs=cfg.finetune_epochs)
+        return train(pruned, data, [], project=out, name="finetune", epochs=cfg.finetune_epochs, **train_args).model
+    from yolocomp.commands.distill import make_method
+
+    frozen = deepcopy(teacher).float().eval()
+    weights = {"temperature": cfg.temperature} if cfg.kd_method == "logit" else {}
+    kd = make_method(cfg.kd_method, frozen, loss_weights=weights)
+    record.update(method=f"kd ({cfg.kd_method})", epochs=cfg.finetune_epochs, teacher="the uncompressed input model")
+    return train(pruned, data, [kd], project=out, name="recover", epochs=cfg.finetune_epochs, **train_args).model
 
 
 def write_report(out: Path, report: dict) -> None:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from yolocomp.config.options import non_negative, option, positive, valid_ratio
+from yolocomp.config.options import at_least, non_negative, option, positive, valid_ratio
 from yolocomp.config.train import TrainingOptions
 
 PRUNE_METHODS = ("bn", "cap", "l1", "random")
+#: labels: fine-tune on the data's labels; kd: distil from the uncompressed input model (labels optional)
+RECOVERY = ("labels", "kd")
+KD_METHODS = ("logit", "fgd", "fgfi")
 ATTENTIONS = ("eca", "se")
 SPARSITY_SCHEDULES = ("constant", "linear_decay")
 
@@ -34,12 +37,28 @@ class PruneConfig(TrainingOptions):
                                            hint="use a per-layer cap such as 0.6", check=valid_ratio)
     ignore: list[int] = option([], "layer indices never pruned", hint="use a list of layer indices such as [9, 10]",
                                metavar="LAYER")
+    recover: str = option("labels", "recovery after the cut: fine-tune on labels, or distil from the uncompressed model",
+                          hint="use labels or kd", choices=RECOVERY)
+    steps: int = option(1, "reach the target in this many progressive cuts, each recovered before the next (1 = one shot)",
+                        hint="use a number of steps such as 3", check=at_least(1))
+    images: str | None = option(None, "unlabelled images (folder or .txt list) for --recover kd, alone or beside --data",
+                                hint="give a folder of images or a .txt list of image paths")
+    kd_method: str = option("logit", "distillation used by --recover kd", hint="use logit, fgd or fgfi", choices=KD_METHODS)
+    temperature: float = option(2.0, "head-output KD temperature", hint="use a temperature such as 2", check=positive)
+    pseudo_conf: float | None = option(None, "teacher detections above this confidence become labels of the unlabelled "
+                                       "images (unset: no pseudo-labels)", hint="use a confidence such as 0.5",
+                                       check=valid_ratio)
+    reconstruct: bool = option(False, "fit each pruned block to the teacher's block output before recovery",
+                               hint="use true or false")
 
     @classmethod
     def problems(cls, values: dict) -> list[str]:
+        found = []
         if values.get("flops_reduction") is not None and values.get("ratio") is not None:
-            return ["sets both ratio and flops_reduction; keep one of them"]
-        return []
+            found.append("sets both ratio and flops_reduction; keep one of them")
+        if values.get("recover", "labels") == "labels" and (values.get("images") or (values.get("steps") or 1) > 1):
+            found.append("images and steps > 1 need recover: kd (distillation from the uncompressed model)")
+        return found
 
     def target(self) -> dict:
         """The pruning target as prune_model takes it: a FLOPs reduction when set, else the channel ratio."""

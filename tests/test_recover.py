@@ -1,0 +1,35 @@
+"""`yolocomp prune --recover kd`: the cut model recovers by distillation from the uncompressed input model."""
+
+import json
+
+import pytest
+from ultralytics import YOLO
+
+from yolocomp.cli import main
+from yolocomp.prune import count_params
+
+
+def test_prune_recover_kd_writes_the_contract(tmp_path, tiny_detector, synthetic_data):
+    out = tmp_path / "o"
+    code = main(["prune", "--model", str(tiny_detector["pt"]), "--data", str(synthetic_data), "--method", "l1",
+                 "--ratio", "0.3", "--recover", "kd", "--finetune-epochs", "1", "--batch", "8", "--imgsz", "64",
+                 "--device", "cpu", "--out", str(out)])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert {"before", "pruned", "finetuned"} <= set(report["ap"])
+    assert all(0 <= report["ap"][k]["ap"] <= 1 for k in ("before", "pruned", "finetuned"))
+    assert report["gflops"]["after"] < report["gflops"]["before"]
+    assert report["recovery"]["method"] == "kd (logit)" and report["recovery"]["seconds"] > 0
+    finetuned = YOLO(str(out / "finetuned.pt")).model  # plain Ultralytics: no teacher, no adapters
+    assert count_params(finetuned) == count_params(YOLO(str(out / "pruned.pt")).model)
+    assert not any("teacher" in k or "adapter" in k for k in finetuned.state_dict())
+
+
+@pytest.mark.parametrize(("flags", "fragment"), [
+    (["--steps", "0"], "stages.prune.steps = 0 must be >= 1"),
+    (["--steps", "2"], "need recover: kd"),
+])
+def test_bad_recovery_flags_are_one_line(tmp_path, capsys, tiny_detector, flags, fragment):
+    assert main(["prune", "--model", str(tiny_detector["pt"]), *flags, "--out", str(tmp_path / "o")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and fragment in err[0]
