@@ -43,6 +43,8 @@ class PruneConfig(TrainingOptions):
                         hint="use a number of steps such as 3", check=at_least(1))
     images: str | None = option(None, "unlabelled images (folder or .txt list) for --recover kd, alone or beside --data",
                                 hint="give a folder of images or a .txt list of image paths")
+    label_free: bool = option(False, "train on --images alone: no labels at all (the data yaml only measures AP)",
+                              hint="use true with images")
     kd_method: str = option("logit", "distillation used by --recover kd", hint="use logit, fgd or fgfi", choices=KD_METHODS)
     temperature: float = option(2.0, "head-output KD temperature", hint="use a temperature such as 2", check=positive)
     pseudo_conf: float | None = option(None, "teacher detections above this confidence become labels of the unlabelled "
@@ -58,6 +60,8 @@ class PruneConfig(TrainingOptions):
             found.append("sets both ratio and flops_reduction; keep one of them")
         if values.get("recover", "labels") == "labels" and (values.get("images") or (values.get("steps") or 1) > 1):
             found.append("images and steps > 1 need recover: kd (distillation from the uncompressed model)")
+        if values.get("label_free") and not values.get("images"):
+            found.append("label_free needs images (the unlabelled images to train on)")
         return found
 
     def target(self) -> dict:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from yolocomp.config.options import at_least, non_negative, option, positive, valid_bits
+from yolocomp.config.options import at_least, non_negative, option, positive, valid_bits, valid_ratio
 from yolocomp.config.ptq import CALIBRATORS
 from yolocomp.config.train import TrainingOptions
 
@@ -44,6 +44,13 @@ class QatConfig(TrainingOptions):
                                  "on the labels only", hint="use self, a teacher checkpoint path, or null")
     label_loss: bool | None = option(None, "keep the detection loss on the labels (unset: off with teacher 'self')",
                                      hint="use true or false")
+    images: str | None = option(None, "unlabelled images (folder or .txt list) to train on beside --data; the teacher "
+                                "supplies their targets", hint="give a folder of images or a .txt list of image paths")
+    label_free: bool = option(False, "train on --images alone: no labels at all (the data yaml only measures AP)",
+                              hint="use true with images")
+    pseudo_conf: float | None = option(None, "teacher detections above this confidence become labels of the unlabelled "
+                                       "images (unset: no pseudo-labels)", hint="use a confidence such as 0.5",
+                                       check=valid_ratio)
     calibrator: str = option("percentile", "range calibration before training", choices=CALIBRATORS,
                              hint="use minmax, percentile, entropy or mse")
     calib_images: int = option(128, "calibration images", hint="use a number of images such as 128", check=positive)
