@@ -13,6 +13,7 @@ from torch import nn
 from yolocomp.commands.common import StageResult, size_mb, warn_if_untrained, work_dir
 from yolocomp.config import PruneConfig
 from yolocomp.config.options import settings
+from yolocomp.config.prune import KD_RECOVERY_TRAIN_DEFAULTS
 from yolocomp.errors import UserError
 from yolocomp.prune.pruner import count_params, gflops, prune_model
 from yolocomp.recipe import Recipe, stage_config
@@ -172,8 +173,10 @@ def _recover(pruned: nn.Module, teacher: nn.Module, cfg: PruneConfig, data: str 
     frozen = deepcopy(teacher).float().eval()
     weights = {"temperature": cfg.temperature} if cfg.kd_method == "logit" else {}
     kd = make_method(cfg.kd_method, frozen, loss_weights=weights)
-    record.update(method=f"kd ({cfg.kd_method})", epochs=cfg.finetune_epochs, teacher="the uncompressed input model")
-    return train(pruned, data, [kd], project=out, name="recover", epochs=cfg.finetune_epochs, **train_args).model
+    args = {**KD_RECOVERY_TRAIN_DEFAULTS, "nbs": cfg.batch, **train_args}
+    record.update(method=f"kd ({cfg.kd_method})", epochs=cfg.finetune_epochs, teacher="the uncompressed input model",
+                  train_settings={k: args[k] for k in ("optimizer", "lr0", "warmup_epochs", "nbs")})
+    return train(pruned, data, [kd], project=out, name="recover", epochs=cfg.finetune_epochs, **args).model
 
 
 def write_report(out: Path, report: dict) -> None:

@@ -11,6 +11,10 @@ PRUNE_METHODS = ("bn", "cap", "l1", "random")
 #: labels: fine-tune on the data's labels; kd: distil from the uncompressed input model (labels optional)
 RECOVERY = ("labels", "kd")
 KD_METHODS = ("logit", "fgd", "fgfi")
+#: Trainer settings of ``recover: kd`` unless given: a few hundred images at Ultralytics' default lr (AdamW ~1e-3 for
+#: short runs) take even the unpruned model far from its AP in one epoch, so the distillation steps gently, once per
+#: batch, without warm-up (measurements in tools/README.md).
+KD_RECOVERY_TRAIN_DEFAULTS = {"optimizer": "AdamW", "lr0": 1e-4, "warmup_epochs": 0}
 ATTENTIONS = ("eca", "se")
 SPARSITY_SCHEDULES = ("constant", "linear_decay")
 
