@@ -218,7 +218,8 @@ def test_distilling_a_model_into_itself_costs_nothing_without_labels(setup, make
 
 
 # --- training ----------------------------------------------------------------------------------------------------------
-def test_label_free_training_has_no_detection_loss_and_keeps_the_last_weights(setup, tmp_path):
+@pytest.mark.parametrize(("make", "columns"), [(HeadKD, ["kdcls_loss", "kddfl_loss"]), (FGD, ["fgd_loss"])], ids=["head_kd", "fgd"])
+def test_label_free_training_has_no_detection_loss_and_keeps_the_last_weights(setup, tmp_path, make, columns):
     from ultralytics.nn.tasks import load_checkpoint
 
     from yolocomp.integration import load_model, train
@@ -227,11 +228,11 @@ def test_label_free_training_has_no_detection_loss_and_keeps_the_last_weights(se
     assert td.label_free
     torch.manual_seed(0)
     student = load_model("yolov8n.yaml", nc=3)
-    result = train(student, str(td.yaml), [HeadKD(setup["teacher_pt"])], project=tmp_path, name="lf", epochs=2,
+    result = train(student, str(td.yaml), [make(setup["teacher_pt"])], project=tmp_path, name="lf", epochs=2,
                    imgsz=IMGSZ, batch=4, **label_free_overrides())
     row = _last_row(result.save_dir / "results.csv")
     assert row["train/box_loss"] == row["train/cls_loss"] == row["train/dfl_loss"] == 0
-    assert row["train/kdcls_loss"] > 0 and row["train/kddfl_loss"] > 0
+    assert all(row[f"train/{c}"] > 0 for c in columns), row
     last, _ = load_checkpoint(result.last)
     trained = result.model.state_dict()
     assert all(torch.equal(v, trained[k]) for k, v in last.state_dict().items()), "the last epoch's weights"
