@@ -236,3 +236,16 @@ def test_label_free_training_has_no_detection_loss_and_keeps_the_last_weights(se
     last, _ = load_checkpoint(result.last)
     trained = result.model.state_dict()
     assert all(torch.equal(v, trained[k]) for k, v in last.state_dict().items()), "the last epoch's weights"
+
+
+def test_labelled_and_unlabelled_images_train_together(setup, tmp_path):
+    from yolocomp.integration import load_model, train
+
+    td = training_data(setup["photos"], setup["data"], tmp_path / "work", teacher=setup["teacher_pt"])
+    assert (td.labelled, td.unlabelled, td.label_free) == (8, 8, False)
+    torch.manual_seed(0)
+    result = train(load_model("yolov8n.yaml", nc=3), str(td.yaml), [HeadKD(setup["teacher_pt"])], project=tmp_path,
+                   name="mixed", epochs=1, imgsz=IMGSZ, batch=8)
+    row = _last_row(result.save_dir / "results.csv")
+    assert row["train/box_loss"] > 0 and row["train/cls_loss"] > 0 and row["train/kdcls_loss"] > 0
+    assert (tmp_path / "work" / "unlabelled" / "labels.cache").exists(), "the label cache stays in the work folder"
