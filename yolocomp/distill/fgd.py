@@ -6,7 +6,8 @@ Per level, with the student feature first mapped to teacher width by an adapter 
   channel ``A_C = C * softmax_c(mean_hw |F| / T)``;
 * focal loss: ``alpha * sum(M_fg * A_S^t * A_C^t * (F^t - F^s)^2) + beta * sum(M_bg * A_S^t * A_C^t * (F^t - F^s)^2)``
   with the teacher's attention, ``M_fg`` the 1/area scale mask of the GT boxes and ``M_bg`` the background mask
-  normalised to sum 1 per image (:func:`yolocomp.distill.masks.fgd_masks`);
+  normalised to sum 1 per image (:func:`yolocomp.distill.masks.fgd_masks`); an image without GT boxes (unlabelled)
+  takes the teacher's detections above ``teacher_box_conf`` (default 0.25) as its boxes, ``None`` keeps GT only;
 * attention loss: ``gamma * (sum|A_C^t - A_C^s| + sum|A_S^t - A_S^s|)``;
 * global loss: ``lam * sum((GC_s(F^s) - GC_t(F^t))^2)`` with two trainable GcBlocks (training-only, like adapters).
 

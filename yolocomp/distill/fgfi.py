@@ -3,7 +3,8 @@
 Loss per level: ``sum(mask * (adapter(student) - teacher)^2) / (2 * N_p)``, summed over channels and locations, with
 ``N_p`` the number of masked locations in the batch at that level (0 masked locations -> 0 loss). The total is
 ``weight * sum over levels``; ``weight`` is the paper's lambda (0.01, the authors' code default). The mask comes from
-:func:`yolocomp.distill.masks.fgfi_masks` (psi = 0.5, virtual square priors of ``prior_scale`` cells; see there).
+:func:`yolocomp.distill.masks.fgfi_masks` (psi = 0.5, virtual square priors of ``prior_scale`` cells; see there); an image without GT boxes
+(unlabelled) takes the teacher's detections above ``teacher_box_conf`` (default 0.25) as its boxes.
 """
 
 from __future__ import annotations
