@@ -208,13 +208,14 @@ def test_distilling_a_model_into_itself_costs_nothing_without_labels(setup, make
         assert masks[0][0].sum() > 0, "the masks are built from teacher boxes"
     with torch.no_grad():
         losses = method.extra_loss(None, batch, student(batch["img"]))
-    assert losses and all(abs(v.item()) < 1e-5 for v in losses.values()), losses
-    with torch.no_grad():  # and the same loss is clearly positive for a different student
-        other = confident_teacher()
+        other = confident_teacher()  # 2 % weight noise: the same losses are clearly positive
         for p in other.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+            p.mul_(1 + 0.02 * torch.randn_like(p))
         method.setup(other, "cpu")
-        assert sum(v.item() for v in method.extra_loss(None, batch, other(batch["img"])).values()) > 1e-5
+        different = sum(v.item() for v in method.extra_loss(None, batch, other(batch["img"])).values())
+    same = sum(abs(v.item()) for v in losses.values())
+    # the teacher runs fused (BN folded), the student not: equal up to float rounding
+    assert losses and same < 1e-4 and same < 1e-3 * different, (losses, different)
 
 
 # --- training ----------------------------------------------------------------------------------------------------------
