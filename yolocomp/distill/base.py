@@ -20,9 +20,18 @@ import torch
 from torch import nn
 
 from yolocomp.distill.adapters import make_adapter
+from yolocomp.distill.masks import images_without_boxes, with_teacher_boxes
 from yolocomp.distill.taps import FeatureTap, head_input_layers, probe_shapes, run_taps
 from yolocomp.errors import UserError
 from yolocomp.methods import Method, add_training_module, strip_training_modules, training_module
+
+
+def teacher_box_confidence(conf: float | None) -> float | None:
+    """A checked ``teacher_box_conf``: in (0, 1), or None to build masks from GT boxes only."""
+    if conf is not None and not 0 < conf < 1:
+        raise UserError(f"teacher_box_conf={conf} is outside (0, 1); use e.g. 0.25, or None for GT boxes only")
+    return None if conf is None else float(conf)
+
 
 _RUNTIME = ("teacher", "student_tap", "teacher_tap", "aux", "levels")
 
@@ -52,6 +61,8 @@ class TeacherDistiller(Method):
 
     name = "kd"
     uses_features = True  #: False for methods that only need the head outputs (no taps, full teacher forward)
+    #: masks from GT boxes (FGD, FGFI): images without GT boxes use the teacher's detections above this confidence
+    teacher_box_conf: float | None = None
 
     def __init__(self, teacher: str | Path | nn.Module, layers: list[int] | None = None, teacher_layers: list[int] | None = None):
         if isinstance(teacher, (str, Path)):
@@ -177,6 +188,16 @@ class TeacherDistiller(Method):
     def needs_teacher_head(self) -> bool:
         return False
 
+    def needs_teacher_head_for(self, batch: dict) -> bool:
+        """Whether this batch's losses read the teacher's head output (e.g. its boxes for unlabelled images)."""
+        return self.needs_teacher_head() or (self.teacher_box_conf is not None and bool(images_without_boxes(batch).any()))
+
+    def mask_batch(self, batch: dict, teacher_out: Any) -> dict:
+        """The batch whose boxes build GT masks: images without GT boxes take the teacher's confident detections."""
+        if self.teacher_box_conf is None:
+            return batch
+        return with_teacher_boxes(batch, teacher_out, self.teacher_box_conf)
+
     def build_aux(self, levels: list[tuple[int, int]]) -> nn.Module:
         """Training-only modules; default: one adapter per level (student width -> teacher width)."""
         return nn.ModuleDict({"adapters": nn.ModuleList(make_adapter(s, t) for s, t in levels)})
@@ -198,6 +219,8 @@ class TeacherDistiller(Method):
         if self.teacher is None or (self.uses_features and self.student_tap is None):
             self.prepare(trainer.model)
             self.attach_taps(trainer.model)
+        if self.uses_features:  # a teacher forward may stop at the taps unless this batch needs its detections
+            self.teacher_tap.stop_early = not self.needs_teacher_head_for(batch)
         with torch.no_grad():
             teacher_out = run_taps(self.teacher, self.teacher_tap, batch["img"]) if self.uses_features else self.teacher(batch["img"])
         try:

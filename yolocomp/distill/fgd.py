@@ -6,7 +6,8 @@ Per level, with the student feature first mapped to teacher width by an adapter 
   channel ``A_C = C * softmax_c(mean_hw |F| / T)``;
 * focal loss: ``alpha * sum(M_fg * A_S^t * A_C^t * (F^t - F^s)^2) + beta * sum(M_bg * A_S^t * A_C^t * (F^t - F^s)^2)``
   with the teacher's attention, ``M_fg`` the 1/area scale mask of the GT boxes and ``M_bg`` the background mask
-  normalised to sum 1 per image (:func:`yolocomp.distill.masks.fgd_masks`);
+  normalised to sum 1 per image (:func:`yolocomp.distill.masks.fgd_masks`); an image without GT boxes (unlabelled)
+  takes the teacher's detections above ``teacher_box_conf`` (default 0.25) as its boxes, ``None`` keeps GT only;
 * attention loss: ``gamma * (sum|A_C^t - A_C^s| + sum|A_S^t - A_S^s|)``;
 * global loss: ``lam * sum((GC_s(F^s) - GC_t(F^t))^2)`` with two trainable GcBlocks (training-only, like adapters).
 
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from yolocomp.distill.adapters import ContextBlock, make_adapter
-from yolocomp.distill.base import TeacherDistiller
+from yolocomp.distill.base import TeacherDistiller, teacher_box_confidence
 from yolocomp.distill.masks import fgd_masks
 from yolocomp.errors import UserError
 
@@ -77,8 +78,10 @@ class FGD(TeacherDistiller):
         lam: float = 5e-6,
         temperature: float = 0.5,
         teacher_layers: list[int] | None = None,
+        teacher_box_conf: float | None = 0.25,
     ):
         super().__init__(teacher, layers, teacher_layers)
+        self.teacher_box_conf = teacher_box_confidence(teacher_box_conf)
         for key, value in {"alpha": alpha, "beta": beta, "gamma": gamma, "lam": lam}.items():
             if value < 0:
                 raise UserError(f"FGD {key}={value} is negative; use e.g. the paper's defaults (alpha 1e-3, beta 5e-4, gamma 1e-3, lam 5e-6)")
@@ -105,7 +108,7 @@ class FGD(TeacherDistiller):
         return self.alpha * terms["fg"] + self.beta * terms["bg"] + self.gamma * terms["att"] + self.lam * terms["global"]
 
     def losses(self, s_feats: list[torch.Tensor], t_feats: list[torch.Tensor], preds: Any, teacher_out: Any, batch: dict) -> dict[str, torch.Tensor]:
-        masks = fgd_masks(batch, [t.shape[-2:] for t in t_feats], t_feats[0].device)
+        masks = fgd_masks(self.mask_batch(batch, teacher_out), [t.shape[-2:] for t in t_feats], t_feats[0].device)
         total = t_feats[0].new_zeros((), dtype=torch.float32)
         for level, (s, t, (fg, bg)) in enumerate(zip(s_feats, t_feats, masks)):
             total = total + self.weighted(self.level_terms(level, s, t, fg, bg))

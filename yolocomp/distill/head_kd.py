@@ -6,8 +6,10 @@ For every anchor point a (student and teacher share strides and image size, henc
   sigmoids), summed over classes, times T^2;
 * DFL KD: KL between ``softmax(t / T)`` and ``softmax(s / T)`` over the ``reg_max`` bins of each box side, summed
   over the 4 sides, times T^2 (localization distillation);
-* both are averaged over anchors weighted by the teacher's confidence ``max_c sigmoid(t)``, so the few anchors on
-  objects dominate rather than the many empty ones (like Ultralytics' own score-weighted feature distillation).
+* both are averaged over anchors weighted by the teacher's confidence ``max_c sigmoid(t)`` normalised over the batch
+  (:func:`anchor_weights`), so the few anchors on objects dominate rather than the many empty ones (like Ultralytics'
+  own score-weighted feature distillation); with unlabelled images these weights are the only notion of "object".
+  ``confidence_weighting=False`` gives every anchor the same weight (a plain mean).
 
 Columns ``kdcls_loss = cls_weight * class KD`` and ``kddfl_loss = dfl_weight * DFL KD``; both are 0 when student
 and teacher outputs are equal.
@@ -37,14 +39,21 @@ def head_outputs(preds: Any) -> dict[str, torch.Tensor]:
     return preds
 
 
-def head_kd_terms(student: dict, teacher: dict, reg_max: int, temperature: float) -> dict[str, torch.Tensor]:
+def anchor_weights(teacher_scores: torch.Tensor, confidence_weighting: bool = True) -> torch.Tensor:
+    """(B, A) weights summing to 1 over the batch: the teacher's max class probability per anchor, or uniform."""
+    weight = teacher_scores.float().sigmoid().amax(1) if confidence_weighting else teacher_scores.new_ones(
+        teacher_scores.shape[0], teacher_scores.shape[2], dtype=torch.float32)
+    return weight / weight.sum().clamp(min=1e-6)
+
+
+def head_kd_terms(student: dict, teacher: dict, reg_max: int, temperature: float, confidence_weighting: bool = True
+                  ) -> dict[str, torch.Tensor]:
     s_cls, t_cls = student["scores"].float(), teacher["scores"].float()
     s_box, t_box = student["boxes"].float(), teacher["boxes"].float()
     if s_cls.shape != t_cls.shape or s_box.shape != t_box.shape:
         raise UserError(f"student head outputs {tuple(s_cls.shape)} but teacher {tuple(t_cls.shape)}; use a teacher with the same classes and strides")
     T = temperature
-    weight = t_cls.sigmoid().amax(1)  # (B, A)
-    norm = weight.sum().clamp(min=1e-6)
+    weight = anchor_weights(t_cls, confidence_weighting)  # (B, A), sums to 1
     p_t = (t_cls / T).sigmoid()
     cls_kl = F.binary_cross_entropy_with_logits(s_cls / T, p_t, reduction="none") - F.binary_cross_entropy_with_logits(
         t_cls / T, p_t, reduction="none"
@@ -52,13 +61,13 @@ def head_kd_terms(student: dict, teacher: dict, reg_max: int, temperature: float
     b, _, a = s_box.shape
     if reg_max <= 1:  # heads without DFL bins (e.g. YOLO26) regress the 4 distances directly
         box_l1 = (s_box - t_box).abs().sum(1)
-        return {"cls": (cls_kl.sum(1) * weight).sum() / norm * T * T, "dfl": (box_l1 * weight).sum() / norm}
+        return {"cls": (cls_kl.sum(1) * weight).sum() * T * T, "dfl": (box_l1 * weight).sum()}
     log_s = (s_box.view(b, 4, reg_max, a) / T).log_softmax(2)
     log_t = (t_box.view(b, 4, reg_max, a) / T).log_softmax(2)
     dfl_kl = (log_t.exp() * (log_t - log_s)).sum((1, 2))  # (B, A)
     return {
-        "cls": (cls_kl.sum(1) * weight).sum() / norm * T * T,
-        "dfl": (dfl_kl * weight).sum() / norm * T * T,
+        "cls": (cls_kl.sum(1) * weight).sum() * T * T,
+        "dfl": (dfl_kl * weight).sum() * T * T,
     }
 
 
@@ -68,8 +77,10 @@ class HeadKD(TeacherDistiller):
     name = "logit"
     uses_features = False
 
-    def __init__(self, teacher: str | Path | nn.Module, temperature: float = 2.0, cls_weight: float = 1.0, dfl_weight: float = 1.0):
+    def __init__(self, teacher: str | Path | nn.Module, temperature: float = 2.0, cls_weight: float = 1.0, dfl_weight: float = 1.0,
+                 confidence_weighting: bool = True):
         super().__init__(teacher)
+        self.confidence_weighting = bool(confidence_weighting)
         if temperature <= 0:
             raise UserError(f"head KD temperature={temperature} must be positive; use e.g. 2")
         if cls_weight < 0 or dfl_weight < 0:
@@ -81,8 +92,9 @@ class HeadKD(TeacherDistiller):
 
     def losses(self, s_feats: list[torch.Tensor], t_feats: list[torch.Tensor], preds: Any, teacher_out: Any, batch: dict) -> dict[str, torch.Tensor]:
         reg_max = int(self.teacher.model[-1].reg_max)
-        terms = head_kd_terms(head_outputs(preds), head_outputs(teacher_out), reg_max, self.temperature)
+        terms = head_kd_terms(head_outputs(preds), head_outputs(teacher_out), reg_max, self.temperature, self.confidence_weighting)
         return {"kdcls_loss": self.cls_weight * terms["cls"], "kddfl_loss": self.dfl_weight * terms["dfl"]}
 
     def __repr__(self) -> str:
-        return f"{super().__repr__()[:-1]}, temperature={self.temperature}, cls_weight={self.cls_weight}, dfl_weight={self.dfl_weight})"
+        return (f"{super().__repr__()[:-1]}, temperature={self.temperature}, cls_weight={self.cls_weight}, dfl_weight={self.dfl_weight}, "
+                f"confidence_weighting={self.confidence_weighting})")

@@ -15,11 +15,14 @@ to u * w cells. Cell (i, j) spans [j, j + 1) x [i, i + 1) and its centre is (j +
   image's mask is the union over its boxes. The maximum is taken per level, so every object is imitated on every
   level that feeds the head: on levels coarser than the object this marks the few cells around it, on finer levels
   roughly the cells inside it (the paper's anchors per level play the role of the priors).
+* :func:`with_teacher_boxes`: images without any GT box in the batch (unlabelled images) take the teacher's confident
+  detections as their boxes, so the masks still single out objects when training without labels.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -99,3 +102,44 @@ def fgfi_masks(
             _max_into(mask, idx, near)
         out.append(mask.view(n_img, h, w))
     return out
+
+
+def images_without_boxes(batch: dict) -> torch.Tensor:
+    """(B,) bool: images of the batch that have no GT box (unlabelled, or labelled as background)."""
+    n_img = batch["img"].shape[0]
+    has = torch.zeros(n_img, dtype=torch.bool)
+    idx = batch["batch_idx"].reshape(-1).long().cpu()
+    has[idx[(idx >= 0) & (idx < n_img)]] = True
+    return ~has
+
+
+def teacher_boxes(teacher_out: Any, imgsz_hw: tuple[int, int], conf: float = 0.25, iou: float = 0.7,
+                  max_det: int = 300) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's detections with confidence > ``conf`` after NMS, as (normalised xywh (n, 4), batch_idx (n,)).
+
+    ``teacher_out``: the teacher's eval-mode output (decoded predictions in input pixels, or ``(decoded, raw)``)."""
+    from yolocomp.eval.evaluate import non_max_suppression
+
+    decoded = teacher_out[0] if isinstance(teacher_out, (tuple, list)) else teacher_out
+    h, w = imgsz_hw
+    outputs = non_max_suppression(decoded.detach(), conf, iou, max_det, multi_label=False)
+    scale = torch.tensor([w, h, w, h], device=decoded.device, dtype=torch.float32)
+    xyxy = torch.cat([o[:, :4].float() for o in outputs]) / scale
+    idx = torch.cat([torch.full((len(o),), i, device=decoded.device) for i, o in enumerate(outputs)])
+    return torch.cat([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], 1), idx.float()
+
+
+def with_teacher_boxes(batch: dict, teacher_out: Any, conf: float = 0.25) -> dict:
+    """``batch`` with the teacher's confident boxes added for the images that have no GT box (keys ``img``,
+    ``bboxes``, ``batch_idx``: what the mask builders read). Unchanged when every image has a box."""
+    empty = images_without_boxes(batch)
+    if not empty.any():
+        return batch
+    boxes, idx = teacher_boxes(teacher_out, tuple(batch["img"].shape[-2:]), conf)
+    keep = empty.to(idx.device)[idx.long()]
+    device = boxes.device
+    return {
+        "img": batch["img"],
+        "bboxes": torch.cat([batch["bboxes"].to(device, torch.float32).reshape(-1, 4), boxes[keep]]),
+        "batch_idx": torch.cat([batch["batch_idx"].to(device, torch.float32).reshape(-1), idx[keep]]),
+    }

@@ -31,28 +31,38 @@ def check_settings(imgsz: int, batch: int, conf: float, iou: float, max_det: int
         raise UserError(f"max_det={max_det}: use 1 or more; COCO counts up to 100, the default keeps 300")
 
 
-def detections_for_batch(
-    preds: np.ndarray, batch: Any, gt: GroundTruth, image_ids: list[int], imgsz: int, conf: float, iou: float, max_det: int
-) -> list[dict]:
-    """Ultralytics' NMS (multi-label, as its DetectionValidator) on raw outputs, boxes mapped to original images."""
+def non_max_suppression(preds: Any, conf: float, iou: float, max_det: int, multi_label: bool = True) -> list:
+    """Ultralytics' NMS (class-aware) on raw decoded outputs (numpy or tensor): one (n, 6) xyxy-conf-cls tensor per
+    image. Evaluation, pseudo-labelling and distillation masks all run this one."""
     import torch
     import torchvision  # noqa: F401  (Ultralytics' NMS uses torchvision's C++ kernel only when it is imported)
-    from ultralytics.utils import nms, ops
+    from ultralytics.utils import nms
 
+    if not isinstance(preds, torch.Tensor):
+        preds = torch.from_numpy(np.ascontiguousarray(preds, dtype=np.float32))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # many tiny ops: one thread is ~5x faster than two contending ones on a busy CPU
     try:
-        outputs = nms.non_max_suppression(
-            torch.from_numpy(np.ascontiguousarray(preds, dtype=np.float32)),
+        return nms.non_max_suppression(
+            preds.float(),
             conf,
             iou,
-            multi_label=True,
+            multi_label=multi_label,
             agnostic=False,
             max_det=max_det,
             max_time_img=60.0,  # Ultralytics stops NMS after ~2 s per batch; on a busy CPU that silently drops images
         )
     finally:
         torch.set_num_threads(threads)
+
+
+def detections_for_batch(
+    preds: np.ndarray, batch: Any, gt: GroundTruth, image_ids: list[int], imgsz: int, conf: float, iou: float, max_det: int
+) -> list[dict]:
+    """Ultralytics' NMS (multi-label, as its DetectionValidator) on raw outputs, boxes mapped to original images."""
+    from ultralytics.utils import ops
+
+    outputs = non_max_suppression(preds, conf, iou, max_det, multi_label=True)
     dets: list[dict] = []
     for out, shape, ratio_pad, image_id in zip(outputs, batch.orig_shapes, batch.ratio_pads, image_ids):
         if not len(out):
