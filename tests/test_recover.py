@@ -1,6 +1,7 @@
 """`yolocomp prune --recover kd`: the cut model recovers by distillation from the uncompressed input model."""
 
 import json
+from pathlib import Path
 
 import pytest
 from ultralytics import YOLO
@@ -33,3 +34,37 @@ def test_bad_recovery_flags_are_one_line(tmp_path, capsys, tiny_detector, flags,
     assert main(["prune", "--model", str(tiny_detector["pt"]), *flags, "--out", str(tmp_path / "o")]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and fragment in err[0]
+
+
+def _images(data_yaml) -> str:
+    import yaml
+
+    cfg = yaml.safe_load(open(data_yaml))
+    return str(Path(cfg["path"]) / "images" / "train")
+
+
+def test_label_free_recovery_trains_on_images_alone(tmp_path, tiny_detector, synthetic_data):
+    out = tmp_path / "o"
+    code = main(["prune", "--model", str(tiny_detector["pt"]), "--data", str(synthetic_data), "--images",
+                 _images(synthetic_data), "--label-free", "--method", "l1", "--ratio", "0.3", "--recover", "kd",
+                 "--finetune-epochs", "1", "--batch", "8", "--imgsz", "64", "--out", str(out)])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["recovery"]["label_free"] and report["recovery"]["labelled_images"] == 0
+    assert report["recovery"]["unlabelled_images"] == 32
+    losses = (out / "recover" / "results.csv").read_text().splitlines()
+    header = [c.strip() for c in losses[0].split(",")]
+    row = dict(zip(header, (float(v) for v in losses[1].split(","))))
+    assert row["train/box_loss"] == row["train/cls_loss"] == row["train/dfl_loss"] == 0  # no labels, no detection loss
+    assert row["train/kdcls_loss"] > 0
+    assert 0 <= report["ap"]["finetuned"]["ap"] <= 1  # measured on the labelled val split
+
+
+def test_empty_images_folder_is_one_line_before_any_work(tmp_path, capsys, tiny_detector):
+    (tmp_path / "none").mkdir()
+    out = tmp_path / "o"
+    assert main(["prune", "--model", str(tiny_detector["pt"]), "--images", str(tmp_path / "none"), "--recover", "kd",
+                 "--finetune-epochs", "1", "--out", str(out)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "no images found" in err[0]
+    assert not (out / "pruned.pt").exists()

@@ -185,3 +185,26 @@ def run_stage_command(stage: str, recipe: Recipe, out: str | None, weights_flag:
         with resume_interrupted():
             result = STAGE_RUNNERS[stage](recipe, str(recipe.model), folder, data, None)
     return folder, result
+
+
+# --- teacher-driven training data -------------------------------------------------------------------------------------
+#: Pseudo-label confidence for unlabelled images trained beside labelled ones, unless set: without labels of their
+#: own, the detection loss would teach those images' objects as background.
+MIXED_PSEUDO_CONF = 0.4
+
+
+def kd_training_data(cfg: Any, data: str | None, teacher: Any, work: Path, imgsz: int, device: str,
+                     record: dict) -> tuple[str, dict]:
+    """The data a teacher-driven stage trains on (labelled data, unlabelled images or both) and the trainer overrides
+    it needs (label-free: no detection loss, last weights kept)."""
+    from yolocomp.data import label_free_overrides, training_data
+
+    if not cfg.images:
+        return data, {}
+    labelled = None if cfg.label_free else data
+    conf = cfg.pseudo_conf if cfg.pseudo_conf is not None or labelled is None else MIXED_PSEUDO_CONF
+    found = training_data(cfg.images, labelled, work / "train_data", teacher=teacher, pseudo_conf=conf, imgsz=imgsz,
+                          device=device)
+    record.update(images=str(cfg.images), labelled_images=found.labelled, unlabelled_images=found.unlabelled,
+                  pseudo_labelled_images=found.pseudo_labelled, pseudo_conf=conf, label_free=found.label_free)
+    return str(found.yaml), (label_free_overrides() if found.label_free else {})

@@ -10,7 +10,14 @@ from typing import Any
 
 from torch import nn
 
-from yolocomp.commands.common import StageResult, data_classes, require_data, warn_if_untrained, work_dir
+from yolocomp.commands.common import (
+    StageResult,
+    data_classes,
+    kd_training_data,
+    require_data,
+    warn_if_untrained,
+    work_dir,
+)
 from yolocomp.config import DistillConfig
 from yolocomp.config.options import settings
 from yolocomp.distill.base import TeacherDistiller
@@ -89,9 +96,11 @@ def distill(
     from yolocomp.eval import evaluate as coco_eval
 
     before = coco_eval(student, data_yaml, imgsz=imgsz, device=device) if evaluate else None
+    data_record: dict = {}
+    train_yaml, overrides = kd_training_data(cfg, str(data_yaml), teacher, work_dir(out), imgsz, device, data_record)
     start = time.perf_counter()
-    result = train(student, str(data_yaml), [kd] if kd is not None else [], project=out, name="train",
-                   epochs=cfg.epochs, imgsz=imgsz, device=device, **cfg.trainer_overrides())
+    result = train(student, train_yaml, [kd] if kd is not None else [], project=out, name="train",
+                   epochs=cfg.epochs, imgsz=imgsz, device=device, **{**cfg.trainer_overrides(), **overrides})
     train_seconds = time.perf_counter() - start
     report_settings = {
         **settings(cfg),
@@ -114,6 +123,7 @@ def distill(
         "distill_columns": [c for c in losses if c not in {"box_loss", "cls_loss", "dfl_loss"}],
         "train_dir": str(result.save_dir),
         "train_seconds": round(train_seconds, 1),
+        "training_data": data_record or {"labelled": str(data)},
         "settings": report_settings,
     }
     _write(out, report)

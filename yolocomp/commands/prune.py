@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from yolocomp.commands.common import StageResult, size_mb, warn_if_untrained, work_dir
+from yolocomp.commands.common import StageResult, kd_training_data, size_mb, warn_if_untrained, work_dir
 from yolocomp.config import PruneConfig
 from yolocomp.config.options import settings
 from yolocomp.config.prune import KD_RECOVERY_TRAIN_DEFAULTS
@@ -71,8 +71,14 @@ def prune(
     if method in {"l1", "random"} and sparsity_epochs:
         notes.append(f"--sparsity-epochs ignored for {method} (no sparsity term)")
         sparsity_epochs = 0
-    if (sparsity_epochs or finetune_epochs) and data is None:
-        raise UserError("sparsity/attention training and fine-tuning need --data (an Ultralytics data yaml)")
+    if sparsity_epochs and data is None:
+        raise UserError("sparsity/attention training needs --data (an Ultralytics data yaml with labels)")
+    if finetune_epochs and data is None and not (cfg.recover == "kd" and cfg.images):
+        raise UserError("fine-tuning needs --data (an Ultralytics data yaml), or --recover kd --images DIR")
+    if cfg.images:
+        from yolocomp.data import check_images
+
+        check_images(cfg.images)  # before any work: a bad folder is a one-line error, not a failure after the cut
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     work = work_dir(out)
@@ -109,7 +115,7 @@ def prune(
     recovery: dict[str, Any] = {}
     if finetune_epochs:
         started = time.perf_counter()
-        finetuned = _recover(pruned, original, cfg, data_abs, out, train_args, recovery)
+        finetuned = _recover(pruned, original, cfg, data_abs, out, train_args, recovery, work)
         recovery["seconds"] = round(time.perf_counter() - started, 1)
         ft_path = save_model(finetuned, out / "finetuned.pt", extra={"prune": {"finetune_epochs": finetune_epochs,
                                                                               "recover": cfg.recover}})
@@ -161,8 +167,9 @@ def prune(
 
 
 def _recover(pruned: nn.Module, teacher: nn.Module, cfg: PruneConfig, data: str | None, out: Path,
-             train_args: dict, record: dict) -> nn.Module:
-    """Bring the cut model's AP back: a label fine-tune, or distillation from the uncompressed model (``kd``)."""
+             train_args: dict, record: dict, work: Path) -> nn.Module:
+    """Bring the cut model's AP back: a label fine-tune, or distillation from the uncompressed model (``kd``) on the
+    labelled data and/or unlabelled images."""
     from yolocomp.integration import train
 
     if cfg.recover == "labels":
@@ -173,10 +180,11 @@ def _recover(pruned: nn.Module, teacher: nn.Module, cfg: PruneConfig, data: str 
     frozen = deepcopy(teacher).float().eval()
     weights = {"temperature": cfg.temperature} if cfg.kd_method == "logit" else {}
     kd = make_method(cfg.kd_method, frozen, loss_weights=weights)
-    args = {**KD_RECOVERY_TRAIN_DEFAULTS, "nbs": cfg.batch, **train_args}
+    images, overrides = kd_training_data(cfg, data, frozen, work, train_args["imgsz"], train_args["device"], record)
+    args = {**KD_RECOVERY_TRAIN_DEFAULTS, "nbs": cfg.batch, **train_args, **overrides}
     record.update(method=f"kd ({cfg.kd_method})", epochs=cfg.finetune_epochs, teacher="the uncompressed input model",
                   train_settings={k: args[k] for k in ("optimizer", "lr0", "warmup_epochs", "nbs")})
-    return train(pruned, data, [kd], project=out, name="recover", epochs=cfg.finetune_epochs, **args).model
+    return train(pruned, images, [kd], project=out, name="recover", epochs=cfg.finetune_epochs, **args).model
 
 
 def write_report(out: Path, report: dict) -> None:
@@ -201,9 +209,10 @@ def run_stage(recipe: Recipe, model: str, out: Path, data: Path | None, referenc
               evaluate: bool = True) -> StageResult:
     cfg = recipe.stage("prune")
     warn_if_untrained(model, "prune")
-    needs_training = cfg.sparsity_epochs > 0 or cfg.finetune_epochs > 0 or cfg.method == "cap"
-    if needs_training and data is None:
-        raise UserError("pruning with sparsity/attention training or fine-tuning needs data: pass --data")
+    needs_labels = cfg.sparsity_epochs > 0 or cfg.method == "cap" or (cfg.finetune_epochs > 0 and not cfg.images)
+    if needs_labels and data is None:
+        raise UserError("pruning with sparsity/attention training or fine-tuning needs data: pass --data (or "
+                        "--recover kd --images DIR to recover from unlabelled images)")
     # inside `yolocomp run` the run measures every stage's model itself
     report = prune(model, out, str(data) if data else None, imgsz=recipe.imgsz, device=recipe.device,
                    evaluate=evaluate, latency=evaluate, config=cfg)

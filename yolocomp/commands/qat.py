@@ -7,7 +7,14 @@ from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
-from yolocomp.commands.common import StageResult, model_name, require_data, warn_if_untrained, work_dir
+from yolocomp.commands.common import (
+    StageResult,
+    kd_training_data,
+    model_name,
+    require_data,
+    warn_if_untrained,
+    work_dir,
+)
 from yolocomp.commands.quant_common import export_and_check, layer_refs, onnx_name, write_quant_report
 from yolocomp.config import QatConfig, qat_train_defaults
 from yolocomp.config.options import settings
@@ -92,8 +99,12 @@ def qat(model: Any, data: str | Path, out: str | Path, *, imgsz: int = 640, devi
             report["ap_float"] = ap_summary(coco_eval(m, data_abs, imgsz=imgsz, device=device, images=cfg.eval_images),
                                             **metrics)
         method.prepare(m)  # so exclusions are validated before training starts
-    result = train(m, str(data_abs), methods, project=out, name="train", resume=resume, epochs=cfg.epochs, imgsz=imgsz,
-                   device=device, **train_overrides)
+    data_record: dict = {}
+    float_teacher = teacher if teacher is not None and not isinstance(teacher, str) and hasattr(teacher, "names") else loaded
+    train_yaml, overrides = kd_training_data(cfg, str(data_abs), float_teacher, work_dir(out), imgsz, device, data_record)
+    report["training_data"] = data_record or {"labelled": str(data)}
+    result = train(m, train_yaml, methods, project=out, name="train", resume=resume, epochs=cfg.epochs, imgsz=imgsz,
+                   device=device, **{**train_overrides, **overrides})
     qmodel = result.model.float().eval()
     method.prepare(qmodel)  # idempotent: fills the summary on resume
     ckpt = save_model(qmodel, out / "qat.pt", extra={"quant": {"weight_bits": wb, "act_bits": ab,
