@@ -100,7 +100,8 @@ def export_openvino(model: Any, out_dir: str | Path, imgsz: int = 640, precision
     in-memory DetectionModel (exported to ONNX first with yolocomp's exporter, at ``imgsz``, ``dynamic`` batch when
     asked). ``precision``: ``auto`` (INT8 for Q/DQ, else FP32), ``fp32``, ``fp16`` (FP16-compressed weights) or
     ``int8`` (Q/DQ models only). ``stem`` names the folder and files (default: the model file's stem). ``info``
-    (a dict) receives what was done: precision, source ONNX, executed convolutions by runtime precision.
+    (a dict) receives what was done: precision, source ONNX, executed convolutions by runtime precision (compiled
+    as yolocomp's runner compiles it: float layers in f32).
     A missing OpenVINO raises the install hint before anything is written.
     """
     ov = import_openvino()
@@ -131,7 +132,7 @@ def export_openvino(model: Any, out_dir: str | Path, imgsz: int = 640, precision
             staging.rename(folder)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    compiled = ov.Core().compile_model(str(folder / f"{stem}.xml"), "CPU")
+    compiled = ov.Core().compile_model(str(folder / f"{stem}.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     from yolocomp.eval.runners.openvino import precision_summary
 
     info.update(folder=str(folder), xml=str(folder / f"{stem}.xml"), precision=resolved, openvino=ov.__version__,
