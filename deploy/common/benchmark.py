@@ -64,9 +64,15 @@ def onnx_param_count(path: str | Path) -> int | None:
     return total
 
 
+def model_size_mb(model) -> float:  # noqa: ANN001 - duck-typed backend model
+    """The model's file size; for a model of several files (an OpenVINO .xml + .bin) their sum."""
+    files = getattr(model, "files", None) or [model.path]
+    return round(sum(Path(f).stat().st_size for f in files if Path(f).is_file()) / 1e6, 3)
+
+
 def entry(name: str, model, gflops: float | None) -> dict:  # noqa: ANN001 - duck-typed backend model
     return {"name": name, "model": str(model.path), "backend": model.backend, "precision": model.precision,
-            "params": model.params, "gflops": gflops if gflops is not None else getattr(model, "gflops", None), "size_mb": round(Path(model.path).stat().st_size / 1e6, 3),
+            "params": model.params, "gflops": gflops if gflops is not None else getattr(model, "gflops", None), "size_mb": model_size_mb(model),
             "by_batch": {}, "notes": []}
 
 

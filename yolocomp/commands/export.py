@@ -1,4 +1,4 @@
-"""``yolocomp export``: ONNX (Q/DQ for quantized models), the Q/DQ placement lint, TensorRT engines."""
+"""``yolocomp export``: ONNX (Q/DQ for quantized models), the Q/DQ placement lint, TensorRT engines, OpenVINO IR."""
 
 from __future__ import annotations
 
@@ -17,6 +17,10 @@ def run_stage(recipe: Recipe, model: str, out: Path, data: Path | None, referenc
         from yolocomp.export.tensorrt import import_tensorrt
 
         import_tensorrt()
+    if cfg.format == "openvino":  # the same for a missing OpenVINO
+        from yolocomp.export.openvino import import_openvino
+
+        import_openvino()
     if str(model).endswith(".onnx"):
         onnx = Path(model)
     else:
@@ -39,4 +43,14 @@ def run_stage(recipe: Recipe, model: str, out: Path, data: Path | None, referenc
             dla_core=cfg.dla_core, calibration_data=cfg.calibration_data, calibration_cache=cfg.calibration_cache,
         )
         artifacts["engine"] = str(report["engine"].get("engine", out / f"{onnx.stem}.engine"))
+    if cfg.format == "openvino":
+        from yolocomp.export.openvino import export_openvino
+
+        stem = onnx.stem if str(model).endswith(".onnx") else Path(str(model)).stem
+        info: dict[str, Any] = {}
+        folder = export_openvino(onnx, out, imgsz=recipe.imgsz, precision=cfg.precision, stem=stem, info=info)
+        report["openvino"] = info
+        artifacts["openvino"] = str(folder)
+        artifacts["openvino_weights"] = str(Path(info["xml"]).with_suffix(".bin"))
+        return StageResult("export", str(folder), artifacts, report)
     return StageResult("export", artifacts.get("engine", str(onnx)), artifacts, report)

@@ -13,7 +13,8 @@ from yolocomp.recipe import stage_config
 
 
 def export_imgsz(model: Any, default: int = 640) -> int:
-    """The input size an exported model was built for (its ONNX metadata or engine JSON), else ``default``."""
+    """The input size an exported model was built for (its ONNX metadata, engine JSON or OpenVINO metadata.yaml),
+    else ``default``."""
     import ast
 
     path = Path(str(model))
@@ -26,6 +27,10 @@ def export_imgsz(model: Any, default: int = 640) -> int:
             from yolocomp.eval.runners.engine_metadata import read_engine_metadata
 
             size = read_engine_metadata(path).get("imgsz")
+        elif (path.suffix == ".xml" and path.exists()) or path.is_dir():
+            from yolocomp.eval.runners.openvino import read_openvino_metadata
+
+            size = read_openvino_metadata(path).get("imgsz")
         else:
             size = None
     except (ValueError, SyntaxError, UserError, OSError):  # unreadable metadata: the caller's default

@@ -34,6 +34,10 @@ def _static_stats(model: Any, runner: Any, imgsz: int) -> dict:
 
         stats = onnx_stats(model, imgsz)
         return {"params": stats["params"], "gflops": stats["gflops"], "size_mb": size_mb(model)}
+    if runner.backend == "openvino":
+        xml = Path(runner.xml)
+        files = [xml, xml.with_suffix(".bin")] if xml.suffix == ".xml" else [xml]
+        return {"params": None, "gflops": None, "size_mb": round(sum(f.stat().st_size for f in files if f.is_file()) / 1e6, 3)}
     return {"params": None, "gflops": None, "size_mb": size_mb(model)}
 
 
@@ -51,6 +55,10 @@ def _host(device: str) -> dict:
 
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "torch_threads": torch.get_num_threads()}
+    from yolocomp.eval.runners.openvino import openvino_version
+
+    if openvino_version():
+        info["openvino"] = openvino_version()
     if torch.cuda.is_available() and str(device) != "cpu":
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -68,9 +76,10 @@ def bench(
     progress: bool = True,
 ) -> dict:
     """Latency p50/p90/p99 (ms) and FPS per model and batch size, params, GFLOPs at ``imgsz``, size (MB), and
-    ``ratios`` against the first model. ``models``: ``.pt`` / ``.onnx`` / ``.engine`` / model ``.yaml`` paths or
-    in-memory DetectionModels. The top-level ``latency_ms`` / ``fps`` of each model are those of the first batch size.
-    ``threads``: CPU threads for torch and ONNX Runtime (default: each library's own default)."""
+    ``ratios`` against the first model. ``models``: ``.pt`` / ``.onnx`` / ``.engine`` / model ``.yaml`` paths, OpenVINO
+    folders / ``.xml`` or in-memory DetectionModels. The top-level ``latency_ms`` / ``fps`` of each model are those of the first batch size.
+    ``threads``: CPU threads for torch, ONNX Runtime and OpenVINO (default: each library's own default, all cores);
+    ``settings.threads`` records it (null: all cores)."""
     if not models:
         raise UserError("bench needs at least one model (--model PATH)")
     if runs < 1 or warmup < 0:
@@ -101,6 +110,8 @@ def _bench(models, imgsz, device, batch_sizes, runs, warmup, threads, json_out, 
     for model, runner, name in zip(models, runners, names):
         entries.append({"name": name, "model": runner.source, "backend": runner.backend, **_static_stats(model, runner, imgsz),
                         "by_batch": {}, "notes": []})
+        if runner.backend == "openvino":
+            entries[-1]["notes"].append(f"OpenVINO CPU, {runner.threads} inference threads")
 
     rng = np.random.default_rng(0)
     total = sum((warmup + runs) * len(runners) for _ in batch_sizes)

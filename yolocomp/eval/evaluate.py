@@ -92,7 +92,7 @@ def evaluate(
 ) -> dict:
     """COCO bbox metrics of ``model`` on the val split of ``data`` (an Ultralytics data yaml).
 
-    ``model``: a ``.pt`` / ``.onnx`` / ``.engine`` path or an in-memory DetectionModel. Returns (and writes to
+    ``model``: a ``.pt`` / ``.onnx`` / ``.engine`` path, an OpenVINO folder / ``.xml`` or an in-memory DetectionModel. Returns (and writes to
     ``json_out``) ``ap, ap50, ap75, aps, apm, apl, ar100`` as fractions, ``backend``, ``images``, ``settings``,
     ``model``, ``data`` and ``seconds``.
     """
@@ -115,7 +115,7 @@ def _versions() -> dict[str, str | None]:
     from importlib import metadata
 
     out: dict[str, str | None] = {}
-    for dist in ("yolocomp", "ultralytics", "torch", "onnxruntime", "pycocotools"):
+    for dist in ("yolocomp", "ultralytics", "torch", "onnxruntime", "openvino", "pycocotools"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
