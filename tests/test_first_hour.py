@@ -82,7 +82,8 @@ def test_run_overrides_model_imgsz_data_device(tmp_path, tiny_detector, syntheti
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"model": "yolov8n.pt", "data": "coco.yaml", "imgsz": 640, "device": "0",
                                       "stages": {"export": {"format": "onnx"}, "eval": {"batch": 4},
-                                                 "bench": {"batch_sizes": [1], "runs": 2, "warmup": 1}}}))
+                                                 "bench": {"batch_sizes": [1], "runs": 2, "warmup": 1,
+                                                           "openvino": False}}}))
     out = tmp_path / "run"
     code = main(["run", str(recipe), "--model", str(tiny_detector["pt"]), "--imgsz", "64", "--data",
                  str(synthetic_data), "--device", "cpu", "--out", str(out)])

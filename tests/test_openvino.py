@@ -224,3 +224,19 @@ def test_without_openvino_every_path_gives_the_install_hint(no_openvino, ov_mode
     assert main(["bench", "--model", str(ov_models["int8"]), "--runs", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and hint in err[0]
+
+
+def test_run_measures_every_stage_model_in_openvino_too(tmp_path, tiny_detector, synthetic_data):
+    import yaml
+
+    from yolocomp.cli import main
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model": str(tiny_detector["pt"]), "data": str(synthetic_data), "imgsz": 64,
+                                      "device": "cpu", "stages": {"export": {}, "eval": {"batch": 4},
+                                                                  "bench": {"batch_sizes": [1], "runs": 2, "warmup": 1}}}))
+    assert main(["run", str(recipe), "--out", str(tmp_path / "run")]) == 0
+    rows = {r["stage"]: r for r in json.loads((tmp_path / "run" / "report.json").read_text())["models"]}
+    assert set(rows) == {"baseline/input", "export/onnx", "baseline/input (openvino)", "export/onnx (openvino)"}
+    assert rows["export/onnx (openvino)"]["runtime"] == "openvino" and rows["export/onnx"]["runtime"] == "onnxruntime"
+    assert abs(rows["export/onnx (openvino)"]["ap"] - rows["export/onnx"]["ap"]) < 0.01

@@ -29,7 +29,7 @@ TINY = {
         "prune": {"method": "l1", "ratio": 0.3},
         "export": {"format": "onnx", "check": False},
         "eval": {"batch": 8},
-        "bench": {"batch_sizes": [1], "runs": 3, "warmup": 1},
+        "bench": {"batch_sizes": [1], "runs": 3, "warmup": 1, "openvino": False},
     },
 }
 

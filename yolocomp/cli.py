@@ -22,7 +22,7 @@ STAGE_HELP = {
     "distill": "knowledge distillation from a teacher (FGD, fine-grained imitation, logit)",
     "qat": "quantization-aware training, INT8 / INT4, heads included",
     "ptq": "post-training quantization with calibration",
-    "export": "export to ONNX (Q/DQ for quantized models) or a TensorRT engine",
+    "export": "export to ONNX (Q/DQ for quantized models), a TensorRT engine or an OpenVINO IR folder",
 }
 
 
@@ -48,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
         add_flags(p, STAGE_CONFIGS[stage])
 
     export_size = "image size (default: an exported model's own size from its metadata, else 640)"
-    p = sub.add_parser("eval", help="COCO AP / AP50 / AP75 with pycocotools (PyTorch, ONNX Runtime, TensorRT)")
-    p.add_argument("--model", required=True, help=".pt, .onnx or .engine")
+    p = sub.add_parser("eval", help="COCO AP / AP50 / AP75 with pycocotools (PyTorch, ONNX Runtime, TensorRT, OpenVINO)")
+    p.add_argument("--model", required=True, help=".pt, .onnx, .engine, or an OpenVINO folder / .xml")
     p.add_argument("--data", required=True, help="Ultralytics data yaml")
     p.add_argument("--imgsz", type=int, help=export_size)
     p.add_argument("--device", default="cpu", help="auto, cpu, 0 or cuda:0 (default: cpu)")
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p, STAGE_CONFIGS["eval"])
 
     p = sub.add_parser("bench", help="latency p50/p90/p99 and FPS, params, GFLOPs, size")
-    p.add_argument("--model", required=True, help=".pt, .onnx or .engine")
+    p.add_argument("--model", required=True, help=".pt, .onnx, .engine, or an OpenVINO folder / .xml")
     p.add_argument("--compare", nargs="+", default=[], help="more models timed in the same process, interleaved")
     p.add_argument("--imgsz", type=int, help=export_size)
     p.add_argument("--device", default="cpu", help="auto, cpu, 0 or cuda:0 (default: cpu)")

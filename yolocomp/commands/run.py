@@ -36,7 +36,7 @@ from yolocomp.integration import resume_interrupted
 from yolocomp.recipe import BRANCH_STAGES, MODEL_STAGES, Recipe
 from yolocomp.report import pareto_plot, print_table, write_json, write_report
 
-REPORT_COLUMNS = ("stage", "model", "ap", "ap50", "ap75", "params_m", "gflops", "latency_ms", "size_mb")
+REPORT_COLUMNS = ("stage", "runtime", "model", "ap", "ap50", "ap75", "params_m", "gflops", "latency_ms", "size_mb")
 
 
 def run(recipe: Recipe, out: str | Path | None = None) -> dict:
@@ -142,14 +142,52 @@ def _measure(recipe: Recipe, records: list[dict], run_dir: Path, data: Path | No
             row.update({k: result.get(k) for k in ("ap", "ap50", "ap75")})
         write_json(cache, row)
         rows.append(row)
+    if b_cfg.openvino and recipe.device == "cpu":
+        rows += _openvino_rows(recipe, records, run_dir, data, settings(e_cfg))
     if rows:
         # Every stage's model timed in one process, interleaved, so the latencies compare side by side.
         timing = bench([r["model"] for r in rows], imgsz=recipe.imgsz, device=recipe.device,
                        batch_sizes=tuple(b_cfg.batch_sizes), runs=b_cfg.runs, warmup=b_cfg.warmup, threads=b_cfg.threads)
         for row, stats in zip(rows, timing["models"]):
+            row["runtime"] = stats.get("backend")
             row["params"] = stats.get("params")
             row["params_m"] = stats["params"] / 1e6 if stats.get("params") else None
             row["gflops"] = stats.get("gflops")
             row["latency_ms"] = (stats.get("latency_ms") or {}).get("p50")
             row["size_mb"] = stats.get("size_mb")
+    return rows
+
+
+def _openvino_rows(recipe: Recipe, records: list[dict], run_dir: Path, data: Path | None, eval_settings: dict) -> list[dict]:
+    """Every stage's deliverable converted to OpenVINO (its ONNX when the stage wrote one, else its .pt) and
+    evaluated there, so the report compares runtimes side by side; nothing when OpenVINO is not installed."""
+    from yolocomp.eval import evaluate
+    from yolocomp.eval.runners.openvino import openvino_version
+    from yolocomp.export.openvino import export_openvino
+
+    if openvino_version() is None:
+        return []
+    rows = []
+    for record in records:
+        artifacts = {k: v for k, v in record.get("artifacts", {}).items() if Path(v).exists()}
+        onnx = {k: v for k, v in artifacts.items() if v.endswith(".onnx")}
+        for label, path in (onnx or {k: v for k, v in artifacts.items() if v.endswith(".pt")}).items():
+            cache = run_dir / "metrics" / f"{record['stage']}_{label}_openvino.json"
+            if cache.exists():
+                rows.append(json.loads(cache.read_text()))
+                continue
+            row: dict[str, Any] = {"stage": f"{record['stage']}/{label} (openvino)"}
+            try:
+                folder = export_openvino(path, work_dir(run_dir) / "openvino", imgsz=recipe.imgsz,
+                                         stem=f"{record['stage']}_{label}")
+            except UserError as e:  # a model OpenVINO cannot take stays measured in its own runtime
+                print(f"[yolocomp run] {row['stage']}: not measured in OpenVINO ({e})", flush=True)
+                continue
+            row["model"] = str(folder)
+            if data is not None:
+                result = evaluate(str(folder), str(data), imgsz=recipe.imgsz, device="cpu", progress=False,
+                                  **eval_settings)
+                row.update({k: result.get(k) for k in ("ap", "ap50", "ap75")})
+            write_json(cache, row)
+            rows.append(row)
     return rows

@@ -15,3 +15,5 @@ class BenchConfig:
                        check=positive)
     warmup: int = option(10, "untimed warm-up runs", hint="use a number of warm-up runs such as 10", check=non_negative)
     threads: int | None = option(None, "CPU threads (unset: all)", hint="use a CPU thread count or null", check=positive)
+    openvino: bool = option(True, "yolocomp run: also measure every stage model converted to OpenVINO, when OpenVINO is "
+                            "installed and the device is the CPU", hint="use true or false")
