@@ -49,6 +49,12 @@ def test_ramp_goes_from_one_to_exactly_zero():
     assert ramp.ramp_value(2, 10, "cosine") > ramp.ramp_value(2, 10, "linear")  # cosine starts slower
     assert ramp.ramp_value(10, 10, "cosine") == 0.0 and ramp.ramp_value(11, 10, "linear") == 0.0
     assert ramp.ramp_value(3, 0, "cosine") == 1.0  # schedule not set: no effect
+    gate = ramp.RampGate(randomized().model[0], torch.zeros(16, dtype=torch.bool), "cosine")
+    for step, total in ((0, 0), (0, 8), (3, 8), (8, 8), (9, 8)):  # the forward's tensor form agrees
+        gate.ramp_step.fill_(step)
+        gate.ramp_total.fill_(total)
+        assert float(gate.multiplier()) == pytest.approx(gate.value(), abs=1e-6)
+    assert float(gate.multiplier()) == 0.0
 
 
 def test_step_removes_exactly_the_zeroed_channels_and_outputs_match():

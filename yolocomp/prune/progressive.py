@@ -162,7 +162,7 @@ def progressive_prune(
 
     Step ``s`` trains ``epochs_per_step`` epochs on ``data_yaml`` with :class:`ProgressivePruning` and the methods
     ``teacher_methods(s)`` returns (e.g. KD from the uncompressed model), with ``train_args`` passed to Ultralytics
-    (``imgsz`` is added); it continues from the run's last checkpoint (not the best: the best is usually before the
+    (``imgsz`` added unless given there, ``epochs`` set); it continues from the run's last checkpoint (not the best: the best is usually before the
     ramp), removes the zeroed channels and calls ``evaluate(model)``. ``model`` itself is not modified. Returns the plain pruned model and the history:
     one row per step (step 0 is the input) with ``step``, ``ratio`` and ``flops_reduction`` reached (analytic, vs the
     input), ``gflops``, ``ap`` (``evaluate``'s ``ap`` or None), ``metrics`` and ``kept_channels`` (layer -> kept
@@ -203,8 +203,8 @@ def progressive_prune(
                                      seed=seed + step, max_layer_ratio=max_layer_ratio, shape=shape,
                                      ramp_iters=ramp_iters, ramp_fraction=ramp_fraction)
         methods = [pruning, *(teacher_methods(step) if teacher_methods is not None else ())]
-        result = train(model, str(data_yaml), methods, project, f"{name}-step{step}", epochs=epochs_per_step,
-                       imgsz=imgsz, **(train_args or {}))
+        args = {"imgsz": imgsz, **(train_args or {}), "epochs": epochs_per_step}
+        result = train(model, str(data_yaml), methods, project, f"{name}-step{step}", **args)
         trained, _ = load_checkpoint(result.last)
         model = CallbackHub(methods).finalize(trained)
         kept = compose_channel_maps(kept, pruning.summary["kept_channels"])

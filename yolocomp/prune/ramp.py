@@ -59,14 +59,19 @@ class RampGate(nn.Module):
     def value(self) -> float:
         return ramp_value(int(self.ramp_step), int(self.ramp_total), self.shape)
 
+    def multiplier(self) -> torch.Tensor:
+        """:func:`ramp_value` as a tensor on the gate's device (no host sync in the forward pass)."""
+        t = (self.ramp_step.float() / self.ramp_total.clamp(min=1).float()).clamp(0.0, 1.0)
+        m = 1.0 - t if self.shape == "linear" else 0.5 * (1.0 + torch.cos(math.pi * t))
+        m = torch.where(t >= 1.0, torch.zeros_like(m), m)  # exactly zero at the end, whatever cos(pi) rounds to
+        return torch.where(self.ramp_total > 0, m, torch.ones_like(m))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self.block
         # Ultralytics fuses BN into the conv for validation (Conv.fuse deletes .bn): the conv output is then the BN's.
         y = b.bn(b.conv(x)) if hasattr(b, "bn") else b.conv(x)
-        m = self.value()
-        if m < 1.0:
-            keep = (~self.drop).to(y.dtype)
-            y = y * (keep + (1.0 - keep) * m)[None, :, None, None]
+        scale = torch.where(self.drop, self.multiplier(), torch.ones((), device=y.device))
+        y = y * scale.to(y.dtype)[None, :, None, None]
         if self.training:
             self.ramp_step += 1  # one training forward = one iteration (every DDP rank sees the same count)
         return b.act(y)
