@@ -7,11 +7,13 @@ own inputs. A pruned block outputs a subset of the teacher's channels: ``channel
 
 BatchNorm stays in eval mode: conv weights and BN affine are fitted against fixed running statistics, so a few
 dozen images cannot corrupt the statistics and the fitted block computes in training exactly what it computes in
-deployment. ``recalibrate_bn`` first re-estimates the student's statistics on the fitting images (an option to
-compare on your model).
+deployment. ``recalibrate`` first re-estimates the student's statistics on the fitting images: measured on the real YOLOv8n below
+it did not help (8.2 AP against 8.5; it even moved the unpruned first blocks away from the teacher), so it is off.
 
 Each block is fitted with Adam on the MSE of its output over the fitting images and checked on held-out images: a
-block whose held-out error grows is put back as it was (``reverted`` in the report).
+block whose held-out error grows is put back as it was (``reverted`` in the report). Default lr 1e-3: on the real
+YOLOv8n (10 % BN-γ cut, 256 px, 48 + 16 coco-unlabeled images, 200 iterations per block) it left a held-out head error
+of 0.47 and 8.5 AP against 0.61 and 6.5 AP at 1e-4 (one-shot cut: 1.16, 0.0 AP; unpruned 25.7).
 """
 
 from __future__ import annotations
@@ -140,7 +142,7 @@ def reconstruct(
     held_out: torch.Tensor | Iterable[torch.Tensor] | None = None,
     holdout: float = 0.25,
     iters: int = 200,
-    lr: float = 1e-4,
+    lr: float = 1e-3,
     batch_size: int = 8,
     fit: str = "all",
     recalibrate: bool = False,
