@@ -50,3 +50,8 @@ def all_reduce_sum_(tensors: Sequence[torch.Tensor]) -> int:
             t.copy_(flat[offset:offset + t.numel()].view_as(t))
             offset += t.numel()
     return torch.distributed.get_world_size()
+
+
+def planned_iterations(trainer: Any) -> int:
+    """Training batches the run will see in all (epochs x batches per epoch; per rank under DDP)."""
+    return int(getattr(trainer, "epochs", 0) or 0) * len(trainer.train_loader)

@@ -13,7 +13,7 @@ from yolocomp.eval.info import count_params, gflops  # the one counter every rep
 from yolocomp.prune import importance as imp
 from yolocomp.prune.graph import ChannelGraph, build_graph
 from yolocomp.prune.plan import Plan, Planner, conv_costs
-from yolocomp.prune.surgery import build_pruned
+from yolocomp.prune.surgery import build_pruned, layer_keep
 
 
 def conv_channels(model: nn.Module) -> int:
@@ -57,6 +57,46 @@ def stage_shares(rows: list[dict]) -> dict[str, float]:
     return out
 
 
+def plan_pruning(
+    model: nn.Module,
+    ratio: float | None = None,
+    flops_reduction: float | None = None,
+    method: str = "bn",
+    importance: str | Callable | Mapping[str, torch.Tensor] | None = None,
+    min_channels: int = 8,
+    round_to: int = 8,
+    ignore: Iterable[int] = (),
+    imgsz: int = 640,
+    seed: int = 0,
+    max_layer_ratio: float | None = None,
+) -> tuple[ChannelGraph, Planner, Plan]:
+    """Check the request, rank the channels and solve the global threshold: ``(graph, planner, plan)``
+    (arguments as in :func:`prune_model`; the model is not modified)."""
+    _check_model(model)
+    if ratio is not None and not 0.0 < ratio < 1.0:
+        raise UserError(f"--ratio {ratio} is outside (0, 1); pick e.g. 0.3")
+    if flops_reduction is not None and not 0.0 < flops_reduction < 1.0:
+        raise UserError(f"--flops-reduction {flops_reduction} is outside (0, 1); pick e.g. 0.4")
+    ignore = tuple(int(i) for i in ignore)
+    n_layers = len(model.model)
+    bad = [i for i in ignore if not 0 <= i < n_layers]
+    if bad:
+        raise UserError(f"ignore lists layer {bad[0]}, but the model has layers 0..{n_layers - 1}")
+    if method == "bn" and importance is None and not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+        raise UserError("the model has no BatchNorm layers, so BN-γ pruning has nothing to rank; use --method l1")
+    graph = build_graph(model, ignore)
+    producers = sorted({p for s in graph.prunable_spaces() for p, _ in s.producers})
+    if method == "random" and importance is None:
+        scores = imp.random_scores(model, producers, seed=seed)
+    else:
+        scores = imp.compute(model, producers, importance if importance is not None else method)
+    costs = conv_costs(model, imgsz)
+    planner = Planner(graph, scores, costs, min_channels=min_channels, round_to=round_to,
+                      max_layer_ratio=max_layer_ratio)
+    plan = planner.solve(ratio=ratio, flops_reduction=flops_reduction)
+    return graph, planner, plan
+
+
 def prune_model(
     model: nn.Module,
     ratio: float | None = None,
@@ -83,28 +123,9 @@ def prune_model(
     The original model is not modified. The result contains only stock Ultralytics modules and a matching
     ``model.yaml``, so ``YOLO(saved_path)`` loads and trains it without yolocomp.
     """
-    _check_model(model)
-    if ratio is not None and not 0.0 < ratio < 1.0:
-        raise UserError(f"--ratio {ratio} is outside (0, 1); pick e.g. 0.3")
-    if flops_reduction is not None and not 0.0 < flops_reduction < 1.0:
-        raise UserError(f"--flops-reduction {flops_reduction} is outside (0, 1); pick e.g. 0.4")
     ignore = tuple(int(i) for i in ignore)
-    n_layers = len(model.model)
-    bad = [i for i in ignore if not 0 <= i < n_layers]
-    if bad:
-        raise UserError(f"ignore lists layer {bad[0]}, but the model has layers 0..{n_layers - 1}")
-    if method == "bn" and importance is None and not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
-        raise UserError("the model has no BatchNorm layers, so BN-γ pruning has nothing to rank; use --method l1")
-    graph = build_graph(model, ignore)
-    producers = sorted({p for s in graph.prunable_spaces() for p, _ in s.producers})
-    if method == "random" and importance is None:
-        scores = imp.random_scores(model, producers, seed=seed)
-    else:
-        scores = imp.compute(model, producers, importance if importance is not None else method)
-    costs = conv_costs(model, imgsz)
-    planner = Planner(graph, scores, costs, min_channels=min_channels, round_to=round_to,
-                      max_layer_ratio=max_layer_ratio)
-    plan = planner.solve(ratio=ratio, flops_reduction=flops_reduction)
+    graph, planner, plan = plan_pruning(model, ratio, flops_reduction, method, importance, min_channels, round_to,
+                                        ignore, imgsz, seed, max_layer_ratio)
     pruned = build_pruned(model, graph, plan)
     if compensate:
         from yolocomp.prune import compensate as comp
@@ -125,5 +146,6 @@ def prune_model(
         "prunable_channels": {"before": planner.total, "after": sum(plan.counts[s.id] for s in graph.prunable_spaces())},
         "stage_pruned_share": stage_shares(rows),
         "layers": rows,
+        "kept_channels": layer_keep(graph, plan),  #: layer index -> kept output channels (recon's channel_map)
     }
     return pruned, summary

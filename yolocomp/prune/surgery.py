@@ -79,6 +79,15 @@ def _index(layout: list[int] | None, graph: ChannelGraph, plan: Plan) -> torch.T
     return torch.cat(parts).long()
 
 
+def layer_keep(graph: ChannelGraph, plan: Plan) -> dict[int, list[int]]:
+    """Per layer index whose output channels change: the kept output channel indices (into the original layer's)."""
+    out = {}
+    for i, layout in enumerate(graph.layer_layouts):
+        if layout and any(plan.counts[s] != graph.spaces[s].size for s in layout):
+            out[i] = _index(layout, graph, plan).tolist()
+    return out
+
+
 def slices(graph: ChannelGraph, plan: Plan) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None, bool]]:
     """state_dict key -> (kept output index, kept input index, depthwise) for every tensor whose shape changes."""
     out = {}

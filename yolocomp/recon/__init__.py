@@ -1,0 +1,9 @@
+"""Block-wise reconstruction (BRECQ-style): fit a compressed detector's blocks so each block's output matches the
+uncompressed teacher's on a few calibration images. Generic over what changed the student (pruning now, post-training
+quantization later): a block is one entry of the detector's ``model.model``.
+"""
+
+from yolocomp.recon.blocks import Block, detector_blocks
+from yolocomp.recon.engine import reconstruct
+
+__all__ = ["Block", "detector_blocks", "reconstruct"]
