@@ -68,6 +68,7 @@ def bench(models: list[str], imgsz: int = 640, device: str = "cpu", json_out: st
 
     cfg = config or stage_config("bench", options)
     values = settings(cfg)
+    values.pop("openvino")  # which runtimes `yolocomp run` measures, not a timing setting
     values["batch_sizes"] = tuple(values["batch_sizes"])
     result = time_models(models, imgsz=imgsz, device=device, **values)
     if json_out:

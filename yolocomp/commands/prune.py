@@ -72,7 +72,7 @@ def prune(
         notes.append(f"--sparsity-epochs ignored for {method} (no sparsity term)")
         sparsity_epochs = 0
     if sparsity_epochs and data is None:
-        raise UserError("sparsity/attention training needs --data (an Ultralytics data yaml with labels)")
+        raise UserError("BN sparsity and CAP attention training need --data (an Ultralytics data yaml with labels)")
     if finetune_epochs and data is None and not (cfg.recover == "kd" and cfg.images):
         raise UserError("fine-tuning needs --data (an Ultralytics data yaml), or --recover kd --images DIR")
     if cfg.images:
