@@ -68,3 +68,20 @@ def test_empty_images_folder_is_one_line_before_any_work(tmp_path, capsys, tiny_
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and "no images found" in err[0]
     assert not (out / "pruned.pt").exists()
+
+
+def test_progressive_recovery_reports_every_step(tmp_path, tiny_detector, synthetic_data):
+    out = tmp_path / "o"
+    code = main(["prune", "--model", str(tiny_detector["pt"]), "--data", str(synthetic_data), "--method", "l1",
+                 "--ratio", "0.3", "--recover", "kd", "--steps", "2", "--step-epochs", "1", "--finetune-epochs", "1",
+                 "--reconstruct", "--recon-images", "8", "--batch", "8", "--imgsz", "64", "--out", str(out)])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [s["step"] for s in report["ap"]["steps"]] == [0, 1, 2]
+    gflops = [s["gflops"] for s in report["ap"]["steps"]]
+    assert gflops[0] > gflops[1] > gflops[2] and abs(gflops[2] - report["gflops"]["after"]) < 1e-3
+    assert all(0 <= s["ap"] <= 1 for s in report["ap"]["steps"])  # AP fraction after every step
+    assert report["recovery"]["reconstruction"]["images"] and report["recovery"]["progressive_seconds"] > 0
+    pruned = YOLO(str(out / "pruned.pt")).model
+    assert count_params(pruned) == report["params"]["after"]
+    assert not any("ramp" in k or "gate" in k for k in pruned.state_dict())

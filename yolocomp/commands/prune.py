@@ -90,6 +90,7 @@ def prune(
     t0 = time.perf_counter()
 
     calib = calibration_images(data_abs, imgsz) if data_abs is not None else None
+    recovery: dict[str, Any] = {}
     ap: dict[str, dict | None] = {"before": _evaluate(original, eval_data, imgsz, device, batch)}
     trained = original
     history = None
@@ -98,21 +99,33 @@ def prune(
         res = train(deepcopy(original), data_abs, [slim], project=out, name="sparsity", epochs=sparsity_epochs, **train_args)
         trained, history = res.model, slim.history
         ap["after_sparsity"] = _evaluate(trained, eval_data, imgsz, device, batch)
+    steps: list[dict] | None = None
     if method == "cap":
         cap = ChannelAttentionPruning(**target, attention=cfg.attention, min_channels=cfg.min_channels,
                                       round_to=cfg.round_to, ignore=ignore, imgsz=imgsz, calib=calib,
                                       max_layer_ratio=cfg.max_layer_ratio)
         res = train(deepcopy(original), data_abs, [cap], project=out, name="attention", epochs=sparsity_epochs, **train_args)
         pruned, summary = res.model, cap.summary
+    elif cfg.steps > 1:
+        started = time.perf_counter()
+        pruned, summary, steps = _progressive(trained, original, cfg, target, data_abs, out, work, train_args,
+                                              lambda m: _evaluate(m, eval_data, imgsz, device, batch))
+        recovery["progressive_seconds"] = round(time.perf_counter() - started, 1)
     else:
         pruned, summary = prune_model(trained, **target, method=method, min_channels=cfg.min_channels,
                                       round_to=cfg.round_to, ignore=ignore, imgsz=imgsz, calib=calib,
                                       max_layer_ratio=cfg.max_layer_ratio)
+    if cfg.reconstruct:
+        channel_map = steps[-1]["kept_channels"] if steps else summary.get("kept_channels")
+        started = time.perf_counter()
+        recovery["reconstruction"] = _reconstruct(pruned, original, cfg, channel_map, data_abs, imgsz)
+        recovery["reconstruction_seconds"] = round(time.perf_counter() - started, 1)
     pruned_path = save_model(pruned, out / "pruned.pt", extra={"prune": {k: summary[k] for k in ("method", "target", "achieved")}})
     ap["pruned"] = _evaluate(pruned, eval_data, imgsz, device, batch)
 
+    if steps:
+        ap["steps"] = [{k: r.get(k) for k in ("step", "ratio", "flops_reduction", "gflops", "ap")} for r in steps]
     models = {"before": (original, None), "pruned": (pruned, pruned_path)}
-    recovery: dict[str, Any] = {}
     if finetune_epochs:
         started = time.perf_counter()
         finetuned = _recover(pruned, original, cfg, data_abs, out, train_args, recovery, work)
@@ -164,6 +177,66 @@ def prune(
     }
     write_report(out, report)
     return report
+
+
+def _progressive(model: nn.Module, teacher: nn.Module, cfg: PruneConfig, target: dict, data: str | None, out: Path,
+                 work: Path, train_args: dict, evaluate: Any) -> tuple[nn.Module, dict, list[dict]]:
+    """The cut in ``cfg.steps`` steps, each ramping its channels to zero while the uncompressed model is distilled
+    into the student, then removing them exactly; AP after every step."""
+    from yolocomp.commands.distill import make_method
+    from yolocomp.prune import progressive_prune
+
+    frozen = deepcopy(teacher).float().eval()
+    weights = {"temperature": cfg.temperature} if cfg.kd_method == "logit" else {}
+    record: dict = {}
+    images, overrides = kd_training_data(cfg, data, frozen, work, train_args["imgsz"], train_args["device"], record)
+    args = {**KD_RECOVERY_TRAIN_DEFAULTS, "nbs": cfg.batch, **train_args, **overrides}
+    args.pop("time", None)  # the ramp is planned in epochs; a time limit would cut it short
+    pruned, history = progressive_prune(
+        model, data_yaml=images, **target, method=cfg.method, steps=cfg.steps, epochs_per_step=cfg.step_epochs,
+        teacher_methods=lambda step: [make_method(cfg.kd_method, frozen, loss_weights=weights)], train_args=args,
+        evaluate=evaluate, project=out, name="progressive", imgsz=train_args["imgsz"], min_channels=cfg.min_channels,
+        round_to=cfg.round_to, ignore=tuple(cfg.ignore), max_layer_ratio=cfg.max_layer_ratio)
+    summary = prune_summary(teacher, pruned, cfg, history, train_args["imgsz"])
+    return pruned, summary, history
+
+
+def prune_summary(original: nn.Module, pruned: nn.Module, cfg: PruneConfig, history: list[dict], imgsz: int) -> dict:
+    """The report fields of a one-shot cut for a model pruned in steps (layer table from the final widths)."""
+    from yolocomp.prune.pruner import conv_channels
+
+    before, after = count_params(original), count_params(pruned)
+    g0, g1 = gflops(original, imgsz), gflops(pruned, imgsz)
+    last = history[-1]
+    return {"method": cfg.method, "target": cfg.target(), "achieved": {"ratio": last.get("ratio"),
+                                                                      "flops_reduction": last.get("flops_reduction")},
+            "params": {"before": before, "after": after}, "gflops": {"before": round(g0, 4), "after": round(g1, 4)},
+            "channels": {"before": conv_channels(original), "after": conv_channels(pruned)},
+            "prunable_channels": {"before": None, "after": None}, "stage_pruned_share": {}, "layers": [],
+            "settings": {"steps": cfg.steps, "step_epochs": cfg.step_epochs}}
+
+
+def _reconstruct(pruned: nn.Module, teacher: nn.Module, cfg: PruneConfig, channel_map: dict | None, data: str | None,
+                 imgsz: int) -> dict:
+    """Fit each pruned block to the uncompressed model's output of that block (inputs from the already fitted
+    student), on unlabelled images when given, else the train split."""
+    import torch
+
+    from yolocomp.data import check_images
+    from yolocomp.eval.images import dataset_images
+    from yolocomp.eval.preprocess import batches
+    from yolocomp.recon import reconstruct
+
+    paths = check_images(cfg.images) if cfg.images else dataset_images(data, "train", missing_ok=True)
+    if not paths:
+        raise UserError("reconstruction needs images: pass --images DIR or --data with a train split")
+    step = max(1, len(paths) // cfg.recon_images)  # spread over the folder, not its first files
+    chosen = paths[::step][: cfg.recon_images]
+    images = torch.cat([torch.from_numpy(b.array) for b in batches(chosen, imgsz, 8)])
+    split = len(images) - max(1, len(images) // 4)  # a quarter held out: a block whose error grows there is reverted
+    report = reconstruct(pruned, deepcopy(teacher).float().eval(), images[:split], held_out=images[split:],
+                         channel_map=channel_map)
+    return {k: report[k] for k in ("head_error", "images", "seconds") if k in report}
 
 
 def _recover(pruned: nn.Module, teacher: nn.Module, cfg: PruneConfig, data: str | None, out: Path,

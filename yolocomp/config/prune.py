@@ -54,6 +54,10 @@ class PruneConfig(TrainingOptions):
     pseudo_conf: float | None = option(None, "teacher detections above this confidence become labels of the unlabelled "
                                        "images (unset: no pseudo-labels)", hint="use a confidence such as 0.5",
                                        check=valid_ratio)
+    step_epochs: int = option(1, "distillation epochs of each progressive step (the channels ramp to zero in its first "
+                              "half)", hint="use a number of epochs such as 1", check=at_least(1))
+    recon_images: int = option(64, "images the block reconstruction fits on (a quarter held out)",
+                               hint="use a number of images such as 64", check=at_least(4))
     reconstruct: bool = option(False, "fit each pruned block to the teacher's block output before recovery",
                                hint="use true or false")
 
