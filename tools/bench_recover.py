@@ -44,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--minutes", type=float, default=10.0, help="recovery wall-clock budget of every variant")
     p.add_argument("--recoveries", default=",".join(RECOVERIES))
     p.add_argument("--steps", type=int, default=3, help="steps of the progressive variants")
+    p.add_argument("--step-epochs", type=int, default=1, help="distillation epochs of each progressive step (the final "
+                                                              "recovery then gets --minutes like every variant)")
     p.add_argument("--best", default=None, help="recovery used for the importance comparison, the label-free run and the "
                                                 "self-distillation check (default: the best AP among --recoveries)")
     p.add_argument("--methods", default="bn,cap,l1,random", help="importance criteria compared under the best recovery")
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     for i, name in enumerate(recoveries):
         options = dict(RECOVERIES[name])
         if options["steps"] > 1:
-            options["steps"] = args.steps
+            options.update(steps=args.steps, step_epochs=args.step_epochs)
         if options["recover"] == "kd":
             options["images"] = args.images
         entry = run(name, args.method, options)
@@ -125,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     best = args.best or (max(finished, key=lambda n: finished[n]["ap"]["finetuned"]) if finished else None)
     result["best_recovery"] = best
     if best:
-        options = {k: v for k, v in result["runs"][best].items() if k in ("recover", "steps", "reconstruct", "images")}
+        options = {k: v for k, v in result["runs"][best].items()
+                   if k in ("recover", "steps", "step_epochs", "reconstruct", "images")}
         for method in [m for m in args.methods.split(",") if m and m != args.method]:
             run(f"{best}_{method}", method, options)
         if args.label_free and options.get("recover") == "kd":
