@@ -82,6 +82,7 @@ def test_progressive_recovery_reports_every_step(tmp_path, tiny_detector, synthe
     assert gflops[0] > gflops[1] > gflops[2] and abs(gflops[2] - report["gflops"]["after"]) < 1e-3
     assert all(0 <= s["ap"] <= 1 for s in report["ap"]["steps"])  # AP fraction after every step
     assert report["recovery"]["reconstruction"]["images"] and report["recovery"]["progressive_seconds"] > 0
+    assert 0 <= report["ap"]["reconstructed"]["ap"] <= 1
     pruned = YOLO(str(out / "pruned.pt")).model
     assert count_params(pruned) == report["params"]["after"]
     assert not any("ramp" in k or "gate" in k for k in pruned.state_dict())

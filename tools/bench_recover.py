@@ -135,8 +135,13 @@ def main(argv: list[str] | None = None) -> int:
             run(f"{best}_label_free", args.method, {**options, "label_free": True})
         if args.self_distill:
             started = time.perf_counter()
+            from yolocomp.config.prune import KD_RECOVERY_TRAIN_DEFAULTS
+
+            # the recovery's own trainer settings (prune --recover kd applies them), so this checks the same protocol
+            recipe = {**KD_RECOVERY_TRAIN_DEFAULTS, "nbs": args.batch, **({"lr0": args.lr0} if args.lr0 else {})}
             rep = distill(str(local), str(local), str(data_abs), out / "self_distill", imgsz=args.imgsz, method="logit",
-                          epochs=1000, images=args.images, batch=args.batch, trainer={"time": args.minutes / 60})
+                          epochs=1000, images=args.images, batch=args.batch, trainer={"time": args.minutes / 60},
+                          label_free=options.get("label_free", False), **recipe)
             before, after = rep["ap_before"]["ap"], rep["ap_after"]["ap"]
             result["self_distill"] = {"ap_before": before, "ap_after": after, "ap_change": round(after - before, 4),
                                       "seconds": round(time.perf_counter() - started, 1), "curve": curve(out / "self_distill")}

@@ -115,13 +115,14 @@ def prune(
         pruned, summary = prune_model(trained, **target, method=method, min_channels=cfg.min_channels,
                                       round_to=cfg.round_to, ignore=ignore, imgsz=imgsz, calib=calib,
                                       max_layer_ratio=cfg.max_layer_ratio)
-    if cfg.reconstruct:
+    pruned_path = save_model(pruned, out / "pruned.pt", extra={"prune": {k: summary[k] for k in ("method", "target", "achieved")}})
+    ap["pruned"] = _evaluate(pruned, eval_data, imgsz, device, batch)
+    if cfg.reconstruct:  # the warm start of the recovery: pruned.pt above stays the model right after the cut
         channel_map = steps[-1]["kept_channels"] if steps else summary.get("kept_channels")
         started = time.perf_counter()
         recovery["reconstruction"] = _reconstruct(pruned, original, cfg, channel_map, data_abs, imgsz)
         recovery["reconstruction_seconds"] = round(time.perf_counter() - started, 1)
-    pruned_path = save_model(pruned, out / "pruned.pt", extra={"prune": {k: summary[k] for k in ("method", "target", "achieved")}})
-    ap["pruned"] = _evaluate(pruned, eval_data, imgsz, device, batch)
+        ap["reconstructed"] = _evaluate(pruned, eval_data, imgsz, device, batch)
 
     if steps:
         ap["steps"] = [{k: r.get(k) for k in ("step", "ratio", "flops_reduction", "gflops", "ap")} for r in steps]
