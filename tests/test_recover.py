@@ -86,3 +86,19 @@ def test_progressive_recovery_reports_every_step(tmp_path, tiny_detector, synthe
     pruned = YOLO(str(out / "pruned.pt")).model
     assert count_params(pruned) == report["params"]["after"]
     assert not any("ramp" in k or "gate" in k for k in pruned.state_dict())
+
+
+def test_frozen_batchnorm_keeps_running_statistics_through_training(tmp_path, tiny_detector, synthetic_data):
+    import torch
+
+    from yolocomp.distill.frozen_bn import FrozenBatchNorm
+    from yolocomp.integration import load_model, train
+
+    model = load_model(tiny_detector["pt"])
+    before = {n: b.clone() for n, b in model.state_dict().items() if "running_mean" in n}
+    result = train(model, str(synthetic_data), [FrozenBatchNorm()], project=tmp_path, name="t", epochs=1, imgsz=64,
+                   batch=8, val=False)
+    after = {n: b for n, b in result.model.state_dict().items() if "running_mean" in n}
+    assert all(torch.equal(before[n], after[n].to(before[n].dtype)) for n in before)  # statistics untouched
+    weights = [n for n in before if n.endswith("running_mean")]
+    assert weights  # the model has BatchNorm layers, so the check above checked something

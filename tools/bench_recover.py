@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             recipe = {**KD_RECOVERY_TRAIN_DEFAULTS, "nbs": args.batch, **({"lr0": args.lr0} if args.lr0 else {})}
             rep = distill(str(local), str(local), str(data_abs), out / "self_distill", imgsz=args.imgsz, method="logit",
                           epochs=1000, images=args.images, batch=args.batch, trainer={"time": args.minutes / 60},
-                          label_free=options.get("label_free", False), **recipe)
+                          label_free=options.get("label_free", False), freeze_bn=True, **recipe)
             before, after = rep["ap_before"]["ap"], rep["ap_after"]["ap"]
             result["self_distill"] = {"ap_before": before, "ap_after": after, "ap_change": round(after - before, 4),
                                       "seconds": round(time.perf_counter() - started, 1), "curve": curve(out / "self_distill")}

@@ -43,6 +43,9 @@ class Method:
         """
         return {}
 
+    def before_batch(self, model: nn.Module) -> None:
+        """Per batch, after Ultralytics put the model in train mode (e.g. keep BatchNorm in eval mode)."""
+
     def before_step(self, trainer: Any) -> None:
         """Edit gradients after AMP unscaling and accumulation, right before ``optimizer.step`` (e.g. BN-γ L1)."""
 

@@ -23,6 +23,7 @@ from yolocomp.config.options import settings
 from yolocomp.distill.base import TeacherDistiller
 from yolocomp.distill.fgd import FGD
 from yolocomp.distill.fgfi import FineGrainedImitation
+from yolocomp.distill.frozen_bn import FrozenBatchNorm
 from yolocomp.distill.head_kd import HeadKD
 from yolocomp.errors import UserError
 from yolocomp.recipe import Recipe, stage_config
@@ -99,7 +100,8 @@ def distill(
     data_record: dict = {}
     train_yaml, overrides = kd_training_data(cfg, str(data_yaml), teacher, work_dir(out), imgsz, device, data_record)
     start = time.perf_counter()
-    result = train(student, train_yaml, [kd] if kd is not None else [], project=out, name="train",
+    methods = [*([kd] if kd is not None else []), *([FrozenBatchNorm()] if cfg.freeze_bn else [])]
+    result = train(student, train_yaml, methods, project=out, name="train",
                    epochs=cfg.epochs, imgsz=imgsz, device=device, **{**cfg.trainer_overrides(), **overrides})
     train_seconds = time.perf_counter() - start
     report_settings = {

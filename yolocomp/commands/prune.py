@@ -14,6 +14,7 @@ from yolocomp.commands.common import StageResult, kd_training_data, size_mb, war
 from yolocomp.config import PruneConfig
 from yolocomp.config.options import settings
 from yolocomp.config.prune import KD_RECOVERY_TRAIN_DEFAULTS
+from yolocomp.distill.frozen_bn import FrozenBatchNorm
 from yolocomp.errors import UserError
 from yolocomp.prune.pruner import count_params, gflops, prune_model
 from yolocomp.recipe import Recipe, stage_config
@@ -195,7 +196,8 @@ def _progressive(model: nn.Module, teacher: nn.Module, cfg: PruneConfig, target:
     args.pop("time", None)  # the ramp is planned in epochs; a time limit would cut it short
     pruned, history = progressive_prune(
         model, data_yaml=images, **target, method=cfg.method, steps=cfg.steps, epochs_per_step=cfg.step_epochs,
-        teacher_methods=lambda step: [make_method(cfg.kd_method, frozen, loss_weights=weights)], train_args=args,
+        teacher_methods=lambda step: [make_method(cfg.kd_method, frozen, loss_weights=weights),
+                                      *([FrozenBatchNorm()] if cfg.freeze_bn else [])], train_args=args,
         evaluate=evaluate, project=out, name="progressive", imgsz=train_args["imgsz"], min_channels=cfg.min_channels,
         round_to=cfg.round_to, ignore=tuple(cfg.ignore), max_layer_ratio=cfg.max_layer_ratio)
     summary = prune_summary(teacher, pruned, cfg, history, train_args["imgsz"])
@@ -258,7 +260,8 @@ def _recover(pruned: nn.Module, teacher: nn.Module, cfg: PruneConfig, data: str 
     args = {**KD_RECOVERY_TRAIN_DEFAULTS, "nbs": cfg.batch, **train_args, **overrides}
     record.update(method=f"kd ({cfg.kd_method})", epochs=cfg.finetune_epochs, teacher="the uncompressed input model",
                   train_settings={k: args[k] for k in ("optimizer", "lr0", "warmup_epochs", "nbs")})
-    return train(pruned, images, [kd], project=out, name="recover", epochs=cfg.finetune_epochs, **args).model
+    methods = [kd, *([FrozenBatchNorm()] if cfg.freeze_bn else [])]
+    return train(pruned, images, methods, project=out, name="recover", epochs=cfg.finetune_epochs, **args).model
 
 
 def write_report(out: Path, report: dict) -> None:

@@ -27,5 +27,7 @@ class DistillConfig(TrainingOptions):
     pseudo_conf: float | None = option(None, "teacher detections above this confidence become labels of the unlabelled "
                                        "images (unset: no pseudo-labels)", hint="use a confidence such as 0.5",
                                        check=valid_ratio)
+    freeze_bn: bool = option(False, "keep BatchNorm in eval mode while distilling (for a converged student)",
+                             hint="use true or false")
     loss_weights: dict | None = option(None, "the method's loss weights, e.g. {alpha: 1e-3}", cli=False,
                                        hint="use a mapping of the method's settings such as {alpha: 0.001}")

@@ -49,6 +49,8 @@ class PruneConfig(TrainingOptions):
                                 hint="give a folder of images or a .txt list of image paths")
     label_free: bool = option(False, "train on --images alone: no labels at all (the data yaml only measures AP)",
                               hint="use true with images")
+    freeze_bn: bool = option(True, "--recover kd keeps BatchNorm in eval mode: the converged model's running statistics, "
+                             "not those of each augmented batch", hint="use true or false")
     kd_method: str = option("logit", "distillation used by --recover kd", hint="use logit, fgd or fgfi", choices=KD_METHODS)
     temperature: float = option(2.0, "head-output KD temperature", hint="use a temperature such as 2", check=positive)
     pseudo_conf: float | None = option(None, "teacher detections above this confidence become labels of the unlabelled "

@@ -31,6 +31,7 @@ _EVENTS = (
     "on_pretrain_routine_end",
     "on_train_start",
     "on_train_epoch_start",
+    "on_train_batch_start",
     "on_train_epoch_end",
     "on_train_end",
 )
@@ -126,6 +127,11 @@ class CallbackHub:
     def on_train_epoch_start(self, trainer: Any) -> None:
         # Resume and NaN-recovery re-create the criterion; re-wrapping is idempotent.
         self._wrap_criterion(trainer)
+
+    def on_train_batch_start(self, trainer: Any) -> None:
+        model = unwrap(trainer.model)
+        for method in self.methods:
+            method.before_batch(model)
 
     def on_train_epoch_end(self, trainer: Any) -> None:
         for method in self.methods:
