@@ -356,7 +356,7 @@ def test_cpu_infer_on_yolocomp_int8_exports(models, tmp_path):
 
     data = models["val"].parents[1] / "data.yaml"
     out = tmp_path / "ptq"
-    ptq(models["root"] / "tiny.pt", str(data), str(out), calibrator="minmax", images=8, imgsz=IMGSZ, ort=True,
+    ptq(models["root"] / "tiny.pt", str(data), str(out), calibrator="minmax", calib_images=8, imgsz=IMGSZ, ort=True,
         eval_images=2)
     images = sorted(models["val"].iterdir())
     for name in ("model_int8.onnx", "model_int8_ort.onnx"):

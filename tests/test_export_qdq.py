@@ -177,7 +177,7 @@ def test_ptq_api_writes_onnx_and_report(synthetic_data, tmp_path):
     from yolocomp.errors import UserError
 
     model = lively_detector()
-    report = ptq(model, synthetic_data, tmp_path, calibrator="entropy", images=8, imgsz=IMGSZ, sensitivity=True,
+    report = ptq(model, synthetic_data, tmp_path, calibrator="entropy", calib_images=8, imgsz=IMGSZ, sensitivity=True,
                  sensitivity_images=2, ort=True)
     assert (tmp_path / "model_int8.onnx").exists()
     saved = json.loads((tmp_path / "report.json").read_text())

@@ -31,7 +31,7 @@ def ov_models(tiny_detector, synthetic_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("openvino")
     assert main(["export", "--model", str(tiny_detector["pt"]), "--format", "openvino", "--imgsz", str(IMGSZ),
                  "--out", str(root / "fp32")]) == 0
-    ptq(tiny_detector["pt"], str(synthetic_data), str(root / "ptq"), calibrator="minmax", images=8, imgsz=IMGSZ,
+    ptq(tiny_detector["pt"], str(synthetic_data), str(root / "ptq"), calibrator="minmax", calib_images=8, imgsz=IMGSZ,
         evaluate=False)
     qdq = root / "ptq" / "model_int8.onnx"
     assert main(["export", "--model", str(qdq), "--format", "openvino", "--out", str(root / "int8")]) == 0

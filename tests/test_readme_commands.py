@@ -47,7 +47,7 @@ def invocations(tmp_path_factory, tiny_detector, synthetic_data):
                     "--batch", 8, *small, "--out", tmp / "distill"),
         "qat": ("qat", "--model", pt, "--data", data, "--epochs", 1, "--batch", 8, "--calib-images", 8,
                 "--eval-images", 2, *small, "--out", tmp / "qat"),
-        "ptq": ("ptq", "--model", pt, "--data", data, "--images", 8, "--eval-images", 2, *small, "--out", tmp / "ptq"),
+        "ptq": ("ptq", "--model", pt, "--data", data, "--calib-images", 8, "--eval-images", 2, *small, "--out", tmp / "ptq"),
         "export": ("export", "--model", pt, "--check", *small, "--out", tmp / "export"),
         "eval": ("eval", "--model", pt, "--data", data, "--images", 2, *small, "--json", tmp / "eval.json"),
         "bench": ("bench", "--model", pt, "--compare", tiny_detector["onnx"], "--imgsz", 128, "--batch-sizes", 1,

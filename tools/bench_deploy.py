@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     ptq_dir = out / "ptq"
     qdq = add("ptq_int8_ort", lambda: ptq(weights, data, ptq_dir, imgsz=imgsz, evaluate=False,
-                                          calibrator=args.calibrator, images=args.calib_images, batch=8)["onnx"],
+                                          calibrator=args.calibrator, calib_images=args.calib_images, batch=8)["onnx"],
               "onnxruntime", {"export": f"yolocomp ptq --calibrator {args.calibrator}, TensorRT-layout Q/DQ"})
     if qdq is not None:
         add("ptq_int8_ov", lambda: export_openvino(qdq, out / "ov", imgsz=imgsz), "openvino")
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
         p_qdq = out / "ptq_pruned"
         add("pruned_int8_ov", lambda: export_openvino(
             ptq(pruned, data, p_qdq, imgsz=imgsz, evaluate=False, calibrator=args.calibrator,
-                images=args.calib_images, batch=8)["onnx"], out / "ov", imgsz=imgsz, stem="pruned_int8"),
+                calib_images=args.calib_images, batch=8)["onnx"], out / "ov", imgsz=imgsz, stem="pruned_int8"),
             "openvino", {**note, "export": note["export"] + f", then yolocomp ptq --calibrator {args.calibrator}"})
 
     for setting in [s for s in args.threads.split(",") if s]:

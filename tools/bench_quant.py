@@ -1,86 +1,110 @@
-"""Quantization benchmark on the real YOLOv8n and ../shared/coco-real (JSON out).
+"""Quantization benchmark on the real YOLOv8n and ../shared/coco-real (JSON out, one run, one metric).
 
-Rows: FP32 ONNX; PTQ INT8 with TensorRT-style symmetric Q/DQ for each calibrator; PTQ INT8 in the ONNX Runtime
-flavour (uint8 activations, integer SiLU); QAT INT8 / W4A8 / W4A4 (full, heads included, TensorRT-style Q/DQ);
-Ultralytics' own ``export(format="onnx", quantize=8)`` and, where nvidia-modelopt is installed, ``train(quantize=8)``
-then ``export(format="onnx")``. QAT rows use qat()'s defaults (self-distillation from the FP32 weights, no label loss,
-BN frozen, SGD, lr0=1e-4 for INT8 and 1e-3 for 4 bits); the FP32 fine-tune and Ultralytics' QAT rows train with the
-INT8 QAT row's optimizer, lr and budget.
-AP/AP50/AP75 with ``yolocomp.eval.evaluate`` (ONNX Runtime); latency: ONNX Runtime CPU, batch 1, all models run
-round-robin in one process so machine load hits them alike; ratios are FP32 p50 / model p50.
+Rows (``--rows`` picks groups):
+  fp32         the float ONNX
+  ptq          ``yolocomp ptq`` W8A8 with each calibrator (TensorRT-layout Q/DQ)
+  recon        ``ptq --reconstruct`` W8A8, W4A8, W4A4 (AdaRound + LSQ, block by block, BRECQ)
+  mixed        ``ptq --reconstruct --budget-mb`` at each ``--budgets`` share of the INT8 weight bytes
+  qat          distilled W4A8 / W4A4 QAT from the reconstructed model, float model as teacher, on coco-real train and
+               ``--images`` (unlabelled), for ``--qat-minutes`` each
+  ultralytics  Ultralytics' ``export(format="onnx", quantize=8)`` and, where openvino + nncf are installed,
+               ``export(format="openvino", int8=True)`` (NNCF), both calibrated on coco-real train
+Every file is scored with ``yolocomp.eval.evaluate`` (pycocotools) in ONNX Runtime and, where OpenVINO is installed,
+the Q/DQ and float files also after ``yolocomp export --format openvino``. Each quantization's wall time and peak
+resident memory above the process's level before it (sampled every 50 ms) are in its row; ``--latency`` adds
+ONNX Runtime batch-1 latency, interleaved. The mixed-precision rows also go into ``ap_vs_size.png``.
 
-    nice -n 10 python tools/bench_quant.py --out runs/bench_quant --imgsz 320 --epochs 1 --images 64
+    python tools/bench_quant.py --out runs/bench_quant --imgsz 320
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
 import shutil
 import sys
+import threading
 import time
 import traceback
-from functools import partial
 from pathlib import Path
-
-import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+GROUPS = ("fp32", "ptq", "recon", "mixed", "qat", "ultralytics")
 
 
-def latency(paths: dict[str, Path], imgsz: int, runs: int, threads: int) -> dict[str, dict]:
-    """Batch-1 ONNX Runtime CPU latency per model, interleaved call by call after 3 warm-up rounds."""
-    import onnxruntime as ort
+class PeakMemory:
+    """Peak resident set size of this process while the block runs, above its size when the block started."""
 
-    from yolocomp.eval.timing import flat, interleaved_latency
+    def __init__(self, interval: float = 0.05):
+        self.interval = interval
+        self.peak = self.start = 0
 
-    sessions = {}
-    for name, p in paths.items():
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        sessions[name] = ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
-    x = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
-    calls = {n: partial(s.run, None, {"images": x}) for n, s in sessions.items()}
-    samples = interleaved_latency(calls, runs=1, rounds=runs, warmup_rounds=3, rotate=False)
-    times = {n: flat(rounds) for n, rounds in samples.items()}
-    return {n: {"p50_ms": round(float(np.median(t)), 2), "min_ms": round(float(np.min(t)), 2)} for n, t in times.items()}
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            import os
+
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self.rss())
+
+    def __enter__(self) -> PeakMemory:
+        self.start = self.peak = self.rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+
+    def record(self) -> dict:
+        return {"peak_rss_mb": round(self.peak / 2**20), "extra_rss_mb": round((self.peak - self.start) / 2**20)}
 
 
-def ul_qat_int8(args: argparse.Namespace, data: Path, weights: Path, out: Path, train_settings: dict, add) -> None:
-    """The ``ultralytics_qat_int8`` row (or its error row)."""
-    import importlib.util
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/bench_quant")
+    ap.add_argument("--imgsz", type=int, default=320)
+    ap.add_argument("--rows", default=",".join(GROUPS), help=f"groups to run, from {', '.join(GROUPS)}")
+    ap.add_argument("--calibrators", default="minmax,percentile,entropy,mse")
+    ap.add_argument("--calib-images", type=int, default=256, help="calibration / reconstruction images")
+    ap.add_argument("--calib-counts", default="64,128", help="also run the default PTQ with these calibration image counts")
+    ap.add_argument("--calib-source", default="train", choices=("train", "unlabeled"),
+                    help="calibrate on coco-real train or on --images (unlabelled)")
+    ap.add_argument("--recon-iters", type=int, default=500, help="reconstruction iterations per block")
+    ap.add_argument("--recon-bits", default="w8a8:200,w4a8,w4a4",
+                    help="reconstructed PTQ variants, each optionally with its own iterations (w8a8:200)")
+    ap.add_argument("--budgets", default="0.55,0.75", help="mixed-precision weight budgets, as shares of the INT8 bytes")
+    ap.add_argument("--qat-bits", default="w4a8,w4a4")
+    ap.add_argument("--qat-minutes", type=float, default=20.0, help="wall-clock training budget of each QAT row")
+    ap.add_argument("--qat-recon-iters", type=int, default=300, help="iterations per block of the QAT warm start")
+    ap.add_argument("--ort", action="store_true", help="also write and score the ONNX Runtime INT8 flavour (ptq --ort)")
+    ap.add_argument("--openvino", action=argparse.BooleanOptionalAction, default=True,
+                    help="also score every Q/DQ / float file in OpenVINO (where installed)")
+    ap.add_argument("--latency", action="store_true", help="ONNX Runtime batch-1 latency of every file")
+    ap.add_argument("--val-images", type=int, default=None, help="val images for AP (default: all)")
+    ap.add_argument("--images", default=str(SHARED / "coco-unlabeled" / "images"), help="unlabelled images")
+    ap.add_argument("--weights", default=str(SHARED / "weights" / "yolov8n-coco-dq.pt"))
+    ap.add_argument("--data", default=str(SHARED / "coco-real" / "coco-real.yaml"))
+    args = ap.parse_args(argv)
+    unknown = set(args.rows.split(",")) - set(GROUPS) - {""}
+    if unknown:
+        ap.error(f"--rows: unknown group(s) {', '.join(sorted(unknown))}; use {', '.join(GROUPS)}")
+    return args
 
-    from yolocomp.errors import first_line
 
-    missing = [m for m in ("modelopt", "huggingface_hub") if importlib.util.find_spec(m) is None]
-    if missing:  # checked here: Ultralytics would otherwise try to pip-install them at run time
-        add("ultralytics_qat_int8", None, {"error": f"not run: train(quantize=8) needs nvidia-modelopt and "
-                                                    f"huggingface_hub; missing: {', '.join(missing)}"})
-        return
-    try:
-        from importlib.metadata import version
-
-        from ultralytics import YOLO
-
-        folder = (out / "ultralytics_qat").resolve()
-        folder.mkdir(parents=True, exist_ok=True)
-        copy = folder / weights.name  # Ultralytics writes next to the weights: its own copy
-        shutil.copy(weights, copy)
-        t = time.time()
-        yolo = YOLO(str(copy))
-        yolo.train(data=str(data), quantize=8, epochs=args.epochs, imgsz=args.imgsz, batch=16,
-                   fraction=args.qat_fraction, device="cpu", workers=0, plots=False, project=str(folder),
-                   name="train", exist_ok=True, **train_settings)
-        best = Path(yolo.trainer.best)
-        train_s = round(time.time() - t, 1)
-        path = YOLO(str(best)).export(format="onnx", quantize=8, imgsz=args.imgsz)
-        add("ultralytics_qat_int8", Path(path), {"placement": "ultralytics (ModelOpt Q/DQ, head output convs float)",
-                                                 "modelopt": version("nvidia-modelopt"), "train_s": train_s})
-    except Exception as e:
-        traceback.print_exc()
-        add("ultralytics_qat_int8", None, {"error": f"{type(e).__name__}: {first_line(e, 300)}"})
+def bits(tag: str) -> tuple[int, int]:
+    """'w4a8' -> (4, 8)."""
+    w, a = tag.lower().lstrip("w").split("a")
+    return int(w), int(a)
 
 
 def metrics(result: dict) -> dict:
@@ -89,175 +113,240 @@ def metrics(result: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="runs/bench_quant")
-    ap.add_argument("--imgsz", type=int, default=320)
-    ap.add_argument("--epochs", type=int, default=1, help="QAT epochs (CPU: keep 1)")
-    ap.add_argument("--images", type=int, default=64, help="calibration images (train split)")
-    ap.add_argument("--val-images", type=int, default=None, help="val images for AP (default: all)")
-    ap.add_argument("--qat-fraction", type=float, default=0.5, help="fraction of coco-real train per QAT epoch")
-    ap.add_argument("--qat", default="8,w4a8,w4a4", help="QAT variants to run ('' for none)")
-    ap.add_argument("--freeze-bn-epoch", type=int, default=0, help="QAT: freeze BN statistics after N epochs (0: "
-                    "from the start, best for the 1-epoch CPU budget)")
-    ap.add_argument("--qat-lr0", type=float, default=None, help="lr0 of every training row (default: qat()'s, "
-                    "yolocomp.config.qat_train_defaults: 1e-4, 1e-3 for the 4-bit QAT rows)")
-    ap.add_argument("--ft-baseline", type=int, default=1, help="also run a plain FP32 fine-tune with the QAT budget")
-    ap.add_argument("--calibrators", default="minmax,percentile,entropy,mse")
-    ap.add_argument("--runs", type=int, default=30, help="latency runs per model")
-    ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads for latency")
-    ap.add_argument("--latency-imgsz", type=int, default=640,
-                    help="also time FP32 / PTQ INT8 (both placements) at this size, latency only (0 = skip)")
-    ap.add_argument("--weights", default=str(SHARED / "weights" / "yolov8n-coco-dq.pt"))
-    ap.add_argument("--data", default=str(SHARED / "coco-real" / "coco-real.yaml"))
-    args = ap.parse_args(argv)
-
+    args = parse_args(argv)
     import torch
 
     from yolocomp.commands.ptq import ptq
     from yolocomp.commands.qat import qat
-    from yolocomp.config import qat_train_defaults
     from yolocomp.errors import first_line
     from yolocomp.eval import evaluate
     from yolocomp.export.onnx_qdq import export_onnx
-    from yolocomp.export.ort_check import integer_ops
     from yolocomp.integration import load_model, mirror_dataset, resolve_data
 
     torch.set_num_threads(2)
+    groups = set(args.rows.split(","))
+    has_openvino = args.openvino and importlib.util.find_spec("openvino") is not None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = resolve_data(mirror_dataset(Path(args.data), out), out)  # caches stay out of ../shared
     weights = out / Path(args.weights).name  # Ultralytics writes exports next to the weights: work on a copy
     if not weights.exists():
         shutil.copy(args.weights, weights)
+    calib = {"images": args.images} if args.calib_source == "unlabeled" else {}
     t_start = time.time()
-    report: dict = {
-        "settings": {**vars(args), "python": platform.python_version(), "torch": torch.__version__,
-                     "note": f"CPU only: imgsz {args.imgsz} (not 640), {args.images} calibration images, QAT "
-                             f"{args.epochs} epoch(s) on {args.qat_fraction:.0%} of coco-real train at "
-                             f"{args.imgsz} px (CPU budget; the issue's QAT numbers use 15 epochs on an H100)"},
-        "rows": [],
-    }
-    onnx_paths: dict[str, Path] = {}
+    report: dict = {"settings": {**vars(args), "python": platform.python_version(), "torch": torch.__version__,
+                                 "openvino": has_openvino}, "rows": []}
+    files: dict[str, Path] = {}
 
-    def add(name: str, path: Path | None, extra: dict | None = None, eval_model=None) -> None:
-        row = {"model": name, **(extra or {})}
-        t = time.time()
-        try:
-            if path is not None:
-                row["onnx"] = str(path)
-                res = evaluate(str(path), data, imgsz=args.imgsz, images=args.val_images, progress=False)
-                row.update(metrics(res))
-                ops = integer_ops(path)
-                row["ort_integer_ops"] = sum(ops["integer_ops"].values())
-                row["ort_float_convs"] = ops["float_convs"]
-                onnx_paths[name] = path
-            elif eval_model is not None:
-                row.update(metrics(evaluate(eval_model, data, imgsz=args.imgsz, images=args.val_images,
-                                            progress=False)))
-        except Exception as e:  # one failing variant must not lose the others
-            row["error"] = f"{type(e).__name__}: {first_line(e, 300)}"
-            traceback.print_exc()
-        row["eval_s"] = round(time.time() - t, 1)
-        report["rows"].append(row)
-        print(json.dumps(row), flush=True)
+    def save() -> None:
         (out / "bench_quant.json").write_text(json.dumps(report, indent=2, default=str))
 
-    float_model = load_model(weights).float().eval()
-
-    add("fp32", export_onnx(float_model, out / "fp32.onnx", imgsz=args.imgsz))
-
-    # PTQ exactly as `yolocomp ptq` runs it: the TensorRT-layout Q/DQ file, and for two calibrators also the ONNX
-    # Runtime flavour (uint8 asymmetric activations, integer SiLU); AP of both measured below, in ONNX Runtime
-    for cal in [c for c in args.calibrators.split(",") if c]:
+    def score(row: dict, path: Path, runtime: str) -> None:
+        key = "" if runtime == "onnxruntime" else "_openvino"
         try:
-            rep = ptq(weights, data, out / f"ptq_{cal}", imgsz=args.imgsz, evaluate=False, calibrator=cal,
-                      images=args.images, batch=8, ort=cal in ("percentile", "entropy"))
-            add(f"ptq_{cal}", Path(rep["onnx"]), {"placement": "tensorrt", "lint_findings": len(rep["lint"])})
-            if "ort_flavour" in rep:
-                add(f"ptq_{cal}_ort", Path(rep["ort_flavour"]["onnx"]),
-                    {"placement": "onnxruntime (uint8 asym, via onnxruntime.quantization)"})
-        except Exception as e:
-            add(f"ptq_{cal}", None, {"error": f"{type(e).__name__}: {first_line(e, 300)}"})
+            target = path
+            if runtime == "openvino":
+                from yolocomp.export.openvino import export_openvino
 
-    # Ultralytics' own INT8 ONNX export
-    try:
+                target = export_openvino(path, out / "openvino", imgsz=args.imgsz, stem=path.stem + f"_{row['model']}")
+            res = evaluate(str(target), data, imgsz=args.imgsz, images=args.val_images, progress=False)
+            row.update({f"{k}{key}": v for k, v in metrics(res).items()})
+        except Exception as e:  # one failing runtime must not lose the row
+            row[f"error{key}"] = f"{type(e).__name__}: {first_line(e, 300)}"
+            traceback.print_exc()
+
+    def add(name: str, make, extra: dict | None = None, openvino: bool = True) -> dict:
+        """Run ``make`` (-> ONNX path, report) under the timer and memory probe, then score the file."""
+        row: dict = {"model": name, **(extra or {})}
+        try:
+            with PeakMemory() as mem:
+                t = time.time()
+                path, rep = make()
+                row["quantize_s"] = round(time.time() - t, 1)
+            row.update(mem.record())
+            path = Path(path)
+            row["onnx"] = str(path)
+            files[name] = path
+            for key in ("lint", "mixed_precision", "reconstruction"):
+                if rep and key in rep:
+                    value = rep[key]
+                    if key == "lint":
+                        row["lint_findings"] = len(value)
+                    elif key == "mixed_precision":
+                        row["weight_mb"] = value["weight_mb"]
+                        row["layers_8bit"] = f"{value['layers_high']}/{value['layers']}"
+                    else:
+                        row["head_error"] = value["head_error"]
+                        row["blocks_reverted"] = sum(b["reverted"] for b in value["blocks"])
+            score(row, path, "onnxruntime")
+            if openvino and has_openvino:
+                score(row, path, "openvino")
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {first_line(e, 300)}"
+            traceback.print_exc()
+        report["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        save()
+        return row
+
+    def run_ptq(name: str, **options):
+        rep = ptq(weights, data, out / name, imgsz=args.imgsz, evaluate=False, calib_images=args.calib_images,
+                  **calib, **options)
+        return rep["onnx"], rep
+
+    float_model = load_model(weights).float().eval()
+    if "fp32" in groups:
+        add("fp32", lambda: (export_onnx(float_model, out / "fp32.onnx", imgsz=args.imgsz), None))
+    if "ptq" in groups:
+        for cal in [c for c in args.calibrators.split(",") if c]:
+            add(f"ptq_{cal}", lambda cal=cal: run_ptq(f"ptq_{cal}", calibrator=cal, ort=args.ort),
+                {"placement": "tensorrt", "calibrator": cal})
+        # the defaults without bias correction, and with other numbers of calibration images (more must not hurt)
+        add("ptq_percentile_no_bias_correction", lambda: run_ptq("ptq_percentile_no_bc", bias_correction=False),
+            {"placement": "tensorrt", "calibrator": "percentile"})
+        for n in [int(c) for c in args.calib_counts.split(",") if c]:
+            add(f"ptq_percentile_{n}_images", lambda n=n: (lambda rep: (rep["onnx"], rep))(ptq(
+                weights, data, out / f"ptq_percentile_{n}", imgsz=args.imgsz, evaluate=False, calib_images=n,
+                **calib)), {"placement": "tensorrt", "calibrator": "percentile", "calib_images": n})
+    if "recon" in groups:
+        for spec in [t for t in args.recon_bits.split(",") if t]:
+            tag, _, iters = spec.partition(":")
+            w, a = bits(tag)
+            iters = int(iters or args.recon_iters)
+            add(f"ptq_recon_{tag}", lambda w=w, a=a, tag=tag, iters=iters: run_ptq(
+                f"ptq_recon_{tag}", weight_bits=w, act_bits=a, reconstruct=True, recon_iters=iters),
+                {"weight_bits": w, "act_bits": a, "recon_iters": iters})
+    if "mixed" in groups:
+        from yolocomp.quant.convert import quantize_model
+        from yolocomp.quant.modules import quant_convs
+        from yolocomp.quant.sensitivity import weight_bytes
+
+        probe = load_model(weights).float()
+        quantize_model(probe, 8, 8)
+        int8_mb = sum(weight_bytes(c, 8) for c in quant_convs(probe)) / 1e6
+        report["int8_weight_mb"] = round(int8_mb, 4)
+        for share in [float(s) for s in args.budgets.split(",") if s]:
+            budget = round(share * int8_mb, 4)
+            add(f"ptq_mixed_{share:g}", lambda budget=budget, share=share: run_ptq(
+                f"ptq_mixed_{share:g}", budget_mb=budget, reconstruct=True, recon_iters=args.recon_iters),
+                {"budget_mb": budget, "budget_share_of_int8": share})
+    if "qat" in groups:
+        for tag in [t for t in args.qat_bits.split(",") if t]:
+            w, a = bits(tag)
+
+            def run_qat(w=w, a=a, tag=tag):
+                rep = qat(str(weights), data, out / f"qat_{tag}", bits=min(w, a), weight_bits=w, act_bits=a,
+                          epochs=100, imgsz=args.imgsz, batch=16, images=args.images, evaluate_float=False,
+                          eval_images=args.val_images, calib_images=args.calib_images,
+                          recon_iters=args.qat_recon_iters, trainer={"time": args.qat_minutes / 60})
+                return rep["onnx"], rep
+
+            add(f"qat_{tag}", run_qat, {"weight_bits": w, "act_bits": a, "qat_minutes": args.qat_minutes,
+                                        "data": "coco-real train + --images, float model as teacher"})
+    if "ultralytics" in groups:
         from ultralytics import YOLO
 
-        ul = YOLO(str(weights)).export(format="onnx", quantize=8, data=str(data), imgsz=args.imgsz,
-                                       fraction=min(1.0, args.images / 288), verbose=False)
-        add("ultralytics_onnx_int8", Path(ul), {"placement": "ultralytics (onnxruntime quantize_static)"})
-    except Exception as e:
-        add("ultralytics_onnx_int8", None, {"error": f"{type(e).__name__}: {first_line(e, 300)}"})
-    # the INT8 QAT row's optimizer / lr / warmup for the FP32 fine-tune and Ultralytics' QAT too, so those rows differ
-    # only in what they train
-    lr_override = {"lr0": args.qat_lr0} if args.qat_lr0 is not None else {}
-    train_settings = {**qat_train_defaults(8, 8), **lr_override}
-    report["settings"]["train_settings"] = train_settings
+        fraction = min(1.0, args.calib_images / 288)  # coco-real train holds 288 images
+        add("ultralytics_onnx_int8", lambda: (YOLO(str(weights)).export(
+            format="onnx", quantize=8, data=str(data), imgsz=args.imgsz, fraction=fraction, verbose=False), None),
+            {"placement": "ultralytics (onnxruntime quantize_static)"}, openvino=False)
+        if has_openvino and importlib.util.find_spec("nncf") is not None:
+            row = {"model": "ultralytics_openvino_int8", "placement": "NNCF, Detect head float (Ultralytics' choice)"}
+            try:
+                with PeakMemory() as mem:
+                    t = time.time()
+                    folder = YOLO(str(weights)).export(format="openvino", int8=True, data=str(data), split="train",
+                                                       fraction=fraction, imgsz=args.imgsz, verbose=False)
+                    row["quantize_s"] = round(time.time() - t, 1)
+                row.update(mem.record())
+                res = evaluate(str(folder), data, imgsz=args.imgsz, images=args.val_images, progress=False)
+                row.update({f"{k}_openvino": v for k, v in metrics(res).items()})
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {first_line(e, 300)}"
+                traceback.print_exc()
+            report["rows"].append(row)
+            print(json.dumps(row), flush=True)
 
-    # plain FP32 fine-tune with the QAT budget: separates "short fine-tune on few images" from "quantization"
-    if args.qat and args.ft_baseline:
-        try:
-            from yolocomp.integration import train
-
-            res = train(load_model(weights).float(), str(data), [], project=out, name="fp32_finetune",
-                        epochs=args.epochs, imgsz=args.imgsz, batch=16, fraction=args.qat_fraction, **train_settings)
-            add("fp32_finetune_same_budget", export_onnx(res.model.float().eval(), out / "fp32_finetune.onnx",
-                                                         imgsz=args.imgsz))
-        except Exception as e:
-            add("fp32_finetune_same_budget", None, {"error": f"{type(e).__name__}: {e}"})
-
-    # QAT, full (heads included), TensorRT-style Q/DQ
-    variants = {"8": (8, 8), "w4a8": (4, 8), "w4a4": (4, 4)}
-    for key in [v for v in args.qat.split(",") if v]:
-        wb, ab = variants[key]
-        name = f"qat_w{wb}a{ab}"
-        try:
-            rep = qat(str(weights), data, out / name, bits=max(wb, ab), weight_bits=wb, act_bits=ab,
-                      epochs=args.epochs, imgsz=args.imgsz, batch=16, fraction=args.qat_fraction, export=True,
-                      evaluate_float=False, eval_images=args.val_images, freeze_bn_epoch=args.freeze_bn_epoch,
-                      **lr_override)
-            add(name, Path(rep["onnx"]), {"placement": "tensorrt", "export": rep["export"],
-                                          "ap_fake_quant_torch": metrics(rep["ap_fake_quant"]),
-                                          "teacher": rep.get("teacher"), "label_loss": rep["label_loss"],
-                                          "train_settings": rep["train_settings"],
-                                          "lint_findings": len(rep["lint"]), "train_s": rep["seconds"]})
-        except Exception as e:
-            traceback.print_exc()
-            add(name, None, {"error": f"{type(e).__name__}: {e}"})
-
-    # Ultralytics' own QAT: train(quantize=8) (NVIDIA ModelOpt fake-quant with fixed max-calibrated ranges, BN live,
-    # head output convs left float, label loss) with the same epochs / images / batch / optimizer / lr as the QAT rows,
-    # then Ultralytics' export(format="onnx") of the QAT checkpoint (Q/DQ). ModelOpt is optional and never a yolocomp
-    # dependency; without it (or the huggingface_hub it imports) this row only records why it did not run.
-    if "8" in args.qat.split(","):
-        ul_qat_int8(args, data, weights, out, train_settings, add)
-
-    lat = latency(onnx_paths, args.imgsz, args.runs, args.threads)
-    base = lat["fp32"]["p50_ms"]
+    fp = next((r for r in report["rows"] if r["model"] == "fp32"), {})
     for row in report["rows"]:
-        if row["model"] in lat:
-            row.update(latency_p50_ms=lat[row["model"]]["p50_ms"], latency_min_ms=lat[row["model"]]["min_ms"],
-                       speedup_vs_fp32=round(base / lat[row["model"]]["p50_ms"], 2))
-    fp = next(r for r in report["rows"] if r["model"] == "fp32")
-    for row in report["rows"]:
-        if "ap" in row and isinstance(row["ap"], float) and isinstance(fp.get("ap"), float):
-            row["ap_delta_vs_fp32"] = round(row["ap"] - fp["ap"], 2)
-    if args.latency_imgsz:
-        size = args.latency_imgsz
-        paths = {"fp32": export_onnx(float_model, out / f"fp32_{size}.onnx", imgsz=size)}
-        rep = ptq(weights, data, out / f"ptq_{size}", imgsz=size, evaluate=False, calibrator="percentile", images=16,
-                  batch=8, ort=True)  # latency only: a few calibration images suffice
-        paths["ptq_int8_tensorrt_placement"] = Path(rep["onnx"])
-        paths["ptq_int8_ort_flavour"] = Path(rep["ort_flavour"]["onnx"])
-        lat_big = latency(paths, size, max(10, args.runs // 2), args.threads)
-        report[f"latency_{size}"] = {n: {**v, "speedup_vs_fp32": round(lat_big["fp32"]["p50_ms"] / v["p50_ms"], 2)}
-                                     for n, v in lat_big.items()}
-        print(json.dumps(report[f"latency_{size}"]), flush=True)
+        for key in ("ap", "ap_openvino"):
+            if isinstance(row.get(key), float) and isinstance(fp.get(key, fp.get("ap")), float):
+                row[f"{key}_delta_vs_fp32"] = round(row[key] - fp.get(key, fp["ap"]), 2)
+    if args.latency and "fp32" in files:
+        lat = latency(files, args.imgsz, runs=20, threads=1)
+        for row in report["rows"]:
+            if row["model"] in lat:
+                row.update(latency_p50_ms=lat[row["model"]]["p50_ms"],
+                           speedup_vs_fp32=round(lat["fp32"]["p50_ms"] / lat[row["model"]]["p50_ms"], 2))
+    save()
+    plot_ap_vs_size(report, out / "ap_vs_size.png")
     report["seconds"] = round(time.time() - t_start, 1)
-    (out / "bench_quant.json").write_text(json.dumps(report, indent=2, default=str))
-    print(json.dumps([{k: r.get(k) for k in ("model", "ap", "ap50", "ap75", "ap_delta_vs_fp32", "speedup_vs_fp32",
-                                             "error")} for r in report["rows"]], indent=1))
+    save()
+    print_table(report)
     return report
+
+
+def latency(paths: dict[str, Path], imgsz: int, runs: int, threads: int) -> dict[str, dict]:
+    """Batch-1 ONNX Runtime CPU latency per file, interleaved call by call after 3 warm-up rounds."""
+    from functools import partial
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from yolocomp.eval.timing import flat, interleaved_latency
+
+    calls = {}
+    x = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
+    for name, p in paths.items():
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        calls[name] = partial(ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]).run, None,
+                              {"images": x})
+    samples = interleaved_latency(calls, runs=1, rounds=runs, warmup_rounds=3, rotate=False)
+    return {n: {"p50_ms": round(float(np.median(flat(r))), 2)} for n, r in samples.items()}
+
+
+def plot_ap_vs_size(report: dict, path: Path) -> None:
+    """AP (ONNX Runtime) against weight megabytes for the INT8, W4 and mixed-precision rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    int8_mb = report.get("int8_weight_mb")
+    points = []
+    for r in report["rows"]:
+        if not isinstance(r.get("ap"), float):
+            continue
+        if "weight_mb" in r:
+            points.append((r["weight_mb"], r["ap"], r["model"]))
+        elif int8_mb and r["model"].startswith("ptq_recon_w"):
+            points.append((int8_mb * r["weight_bits"] / 8, r["ap"], r["model"]))
+    if not points:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for x, y, name in points:
+        ax.scatter(x, y)
+        ax.annotate(name.replace("ptq_", ""), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    fp = next((r for r in report["rows"] if r["model"] == "fp32" and isinstance(r.get("ap"), float)), None)
+    if fp:
+        ax.axhline(fp["ap"], ls="--", c="grey", lw=1, label=f"fp32 {fp['ap']}")
+        ax.legend(fontsize=8)
+    ax.set_xlabel("weight MB (conv weights)")
+    ax.set_ylabel("AP (coco-real val, ONNX Runtime)")
+    ax.set_title("AP vs weight size")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def print_table(report: dict) -> None:
+    cols = ("model", "ap", "ap_openvino", "ap_delta_vs_fp32", "weight_mb", "quantize_s", "extra_rss_mb", "error")
+    rows = [[str(r.get(c, "")) for c in cols] for r in report["rows"]]
+    widths = [max(len(c), *(len(x[i]) for x in rows)) if rows else len(c) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    for x in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(x, widths)))
 
 
 if __name__ == "__main__":

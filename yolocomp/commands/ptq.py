@@ -14,54 +14,123 @@ from yolocomp.config.options import settings
 from yolocomp.errors import UserError
 from yolocomp.recipe import Recipe, stage_config
 
+#: Calibration images the bias correction measures means on (block by block; more cost time, not accuracy).
+BIAS_CORRECTION_IMAGES = 64
+
+
+def calibration_paths(cfg: PtqConfig, data: Path) -> list[Path]:
+    """The calibration images: ``cfg.images`` (a folder or list, no labels needed) or the data yaml's train split,
+    ``cfg.calib_images`` of them spread over the sorted list."""
+    from yolocomp.quant.calibrate import calibration_images, spread
+
+    if cfg.images:
+        from yolocomp.data import check_images
+
+        if str(cfg.images).isdigit() and not Path(str(cfg.images)).exists():
+            raise UserError(f"--images {cfg.images}: --images takes a folder or .txt list of images; the number of "
+                            f"calibration images is --calib-images {cfg.images}")
+        return spread(check_images(cfg.images), cfg.calib_images)
+    return calibration_images(data, cfg.calib_images)
+
+
+def mixed_plan(float_model: Any, cfg: PtqConfig, batches: list, act_bits: int, device: str) -> dict:
+    """Weight bits per conv (4 or 8) under ``cfg.budget_mb``: each conv's output sensitivity to 4-bit weights, then
+    the most sensitive per byte get 8 bits while the budget allows."""
+    from yolocomp.quant.calibrate import calibrate
+    from yolocomp.quant.convert import quantize_model
+    from yolocomp.quant.sensitivity import layer_sensitivity, weight_bit_plan
+
+    probe = deepcopy(float_model)
+    quantize_model(probe, 4, act_bits, exclude=layer_refs(cfg.exclude))
+    calibrate(probe, batches, cfg.calibrator, device=device, progress=False)
+    rows = layer_sensitivity(probe, batches[: max(1, cfg.sensitivity_images // max(1, len(batches[0])))],
+                             part="weight")
+    return weight_bit_plan(probe, rows, cfg.budget_mb * 1e6)
+
+
+def check_budget(float_model: Any, cfg: PtqConfig) -> None:
+    """A weight budget below the all-4-bit size is refused before any calibration work."""
+    from yolocomp.quant.convert import quantize_model
+    from yolocomp.quant.modules import quant_convs
+    from yolocomp.quant.sensitivity import weight_bytes
+
+    probe = deepcopy(float_model)
+    quantize_model(probe, 4, 8, exclude=layer_refs(cfg.exclude), share=False)
+    low = sum(weight_bytes(c, 4) for c in quant_convs(probe)) / 1e6
+    if cfg.budget_mb < low:
+        raise UserError(f"--budget-mb {cfg.budget_mb}: budget {cfg.budget_mb:.3f} MB is below the all-4-bit weights "
+                        f"({low:.3f} MB); give at least that, or drop --budget-mb")
+
 
 def ptq(model: Any, data: str | Path, out: str | Path, *, imgsz: int = 640, device: str = "cpu",
         evaluate: bool = True, evaluate_float: bool = True, config: PtqConfig | None = None, **options: Any) -> dict:
-    """Post-training quantization: calibrate on ``images`` train images with ``calibrator``, export
-    ``out/model_int8.onnx`` (Q/DQ), evaluate it, write ``out/report.json`` (with a sensitivity table and a suggested
-    mixed-precision plan when ``sensitivity``). ``ort=True`` also writes ``out/model_int8_ort.onnx``: the flavour
-    ONNX Runtime runs fast on x86 CPUs (uint8 asymmetric activations, integer SiLU; not for TensorRT).
-    ``options`` are :class:`~yolocomp.config.PtqConfig`'s."""
+    """Post-training quantization: calibrate on ``calib_images`` images (``images``: a folder or list, else the train
+    split) with ``calibrator``; optionally choose per-conv weight bits under ``budget_mb`` and learn the rounding
+    and activation steps by block reconstruction (``reconstruct``); export the Q/DQ ONNX (``out/model_int8.onnx``,
+    ``model_w{W}a{A}.onnx``, or ``model_mixed.onnx``), evaluate it and write ``out/report.json`` (with a
+    sensitivity table and a suggested plan when ``sensitivity``). ``ort=True`` also writes
+    ``out/model_int8_ort.onnx``: the flavour ONNX Runtime runs fast on x86 CPUs (uint8 asymmetric activations,
+    integer SiLU; not for TensorRT). ``options`` are :class:`~yolocomp.config.PtqConfig`'s."""
     from yolocomp.eval import evaluate as coco_eval
     from yolocomp.eval.metrics import ap_summary
     from yolocomp.integration import load_model, resolve_data
-    from yolocomp.quant.calibrate import calibrate, calibration_images, image_batches
+    from yolocomp.quant.calibrate import calibrate, image_batches
     from yolocomp.quant.convert import quantize_model
 
     cfg = config or stage_config("ptq", options)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data_abs = resolve_data(data, work_dir(out))
+    paths = calibration_paths(cfg, data_abs)  # bad --images fail before any model work
     float_model = load_model(model).float().eval()
+    if cfg.budget_mb is not None:
+        check_budget(float_model, cfg)
     t0 = time.time()
     wb, ab = cfg.bit_widths()
-    report: dict = {"title": f"PTQ ({cfg.calibrator})", "model": model_name(model), "data": str(data),
-                    "calibrator": cfg.calibrator, "imgsz": imgsz, "settings": settings(cfg)}
+    title = f"PTQ ({cfg.calibrator}{', reconstructed' if cfg.reconstruct else ''})"
+    report: dict = {"title": title, "model": model_name(model), "data": str(data), "calibrator": cfg.calibrator,
+                    "imgsz": imgsz, "calibration_source": str(cfg.images or "train split"), "settings": settings(cfg)}
     if evaluate and evaluate_float:
         report["ap_float"] = ap_summary(coco_eval(float_model, data_abs, imgsz=imgsz, device=device,
                                                   images=cfg.eval_images), extra=("backend", "images"))
+    batches = list(image_batches(paths, imgsz, cfg.batch))  # held once: calibration, plan and reconstruction
+    layer_bits, name = cfg.layer_bits, onnx_name(wb, ab)
+    if cfg.budget_mb is not None:
+        plan = mixed_plan(float_model, cfg, batches, ab, device)
+        report["mixed_precision"] = plan
+        layer_bits = {layer: (bits, ab) for layer, bits in plan["weight_bits"].items()}
+        name = "model_mixed.onnx"
     qmodel = deepcopy(float_model)  # the caller's model (or our float reference) stays untouched
-    info = quantize_model(qmodel, wb, ab, exclude=layer_refs(cfg.exclude), layer_bits=cfg.layer_bits)
-    paths = calibration_images(data_abs, cfg.images)
-    seen = calibrate(qmodel, image_batches(paths, imgsz, cfg.batch), cfg.calibrator, device=device)
+    info = quantize_model(qmodel, wb, ab, exclude=layer_refs(cfg.exclude), layer_bits=layer_bits)
+    seen = calibrate(qmodel, batches, cfg.calibrator, device=device)
     report.update(weight_bits=wb, act_bits=ab, calibration_images=seen, quantized_layers=len(info["quantized"]),
                   excluded=info["excluded"])
+    if cfg.reconstruct:
+        from yolocomp.quant.reconstruct import reconstruct_quantized
+
+        t = time.time()
+        report["reconstruction"] = reconstruct_quantized(qmodel, float_model, batches, iters=cfg.recon_iters)
+        report["reconstruction"]["seconds"] = round(time.time() - t, 1)
+    if cfg.bias_correction:
+        from yolocomp.quant.bias_correction import correct_bias
+
+        report["bias_correction"] = correct_bias(qmodel, batches[: max(1, BIAS_CORRECTION_IMAGES // cfg.batch)])
     if cfg.sensitivity:
         from yolocomp.quant.sensitivity import layer_sensitivity, mixed_precision_plan
 
-        probe = list(image_batches(paths[: max(1, min(cfg.sensitivity_images, len(paths)))], imgsz, cfg.batch))
+        probe = batches[: max(1, cfg.sensitivity_images // cfg.batch)]
         rows = layer_sensitivity(qmodel, probe)
         report["sensitivity"] = rows
         report["mixed_precision_plan"] = mixed_precision_plan(rows, min(wb, ab))
-    report.update(export_and_check(qmodel, out, onnx_name(wb, ab), data_abs, imgsz, device, cfg.eval_images, evaluate))
+    report["quantize_seconds"] = round(time.time() - t0, 1)
+    report.update(export_and_check(qmodel, out, name, data_abs, imgsz, device, cfg.eval_images, evaluate))
     if "ap_float" in report and "ap_onnx" in report:
         report["ap_drop"] = round(report["ap_float"]["ap"] - report["ap_onnx"]["ap"], 4)
     if cfg.ort:
         from yolocomp.export.ort_check import integer_ops
         from yolocomp.export.ort_int8 import export_ort_int8
 
-        path = export_ort_int8(float_model, out / "model_int8_ort.onnx", image_batches(paths, imgsz, cfg.batch), imgsz,
-                               cfg.calibrator)
+        path = export_ort_int8(float_model, out / "model_int8_ort.onnx", batches, imgsz, cfg.calibrator)
         report["ort_flavour"] = {"onnx": str(path), "ort_integer_ops": integer_ops(path)}
         if evaluate:
             report["ort_flavour"]["ap_onnx"] = ap_summary(coco_eval(str(path), data_abs, imgsz=imgsz, device=device,

@@ -99,6 +99,8 @@ def qat(model: Any, data: str | Path, out: str | Path, *, imgsz: int = 640, devi
             report["ap_float"] = ap_summary(coco_eval(m, data_abs, imgsz=imgsz, device=device, images=cfg.eval_images),
                                             **metrics)
         method.prepare(m)  # so exclusions are validated before training starts
+        if cfg.reconstruct_first():
+            report["reconstruction"] = _warm_start(m, loaded, cfg, data_abs, imgsz, device)
     data_record: dict = {}
     float_teacher = teacher if teacher is not None and not isinstance(teacher, str) and hasattr(teacher, "names") else loaded
     train_yaml, overrides = kd_training_data(cfg, str(data_abs), float_teacher, work_dir(out), imgsz, device, data_record)
@@ -123,6 +125,22 @@ def qat(model: Any, data: str | Path, out: str | Path, *, imgsz: int = 640, devi
     report["seconds"] = round(time.time() - t0, 1)
     write_quant_report(out, report)
     return report
+
+
+def _warm_start(qmodel: Any, float_model: Any, cfg: Any, data: Path, imgsz: int, device: str) -> dict:
+    """Calibrate ``qmodel`` and fit it block by block to the float model (the PTQ reconstruction), so training
+    starts from learned rounding and step sizes; the method's own calibration then keeps them."""
+    from yolocomp.commands.ptq import calibration_paths
+    from yolocomp.quant.calibrate import calibrate, image_batches
+    from yolocomp.quant.reconstruct import reconstruct_quantized
+
+    t = time.time()
+    batches = list(image_batches(calibration_paths(cfg, data), imgsz, 8))
+    qmodel.to(device)
+    calibrate(qmodel, batches, cfg.calibrator, device=device)
+    report = reconstruct_quantized(qmodel, deepcopy(float_model).float().to(device), batches, iters=cfg.recon_iters)
+    qmodel.cpu()
+    return {**report, "seconds": round(time.time() - t, 1)}
 
 
 def run_stage(recipe: Recipe, model: str, out: Path, data: Path | None, reference: str | None,

@@ -13,7 +13,21 @@ CALIBRATORS = ("minmax", "percentile", "entropy", "mse")
 class PtqConfig:
     calibrator: str = option("percentile", "how activation ranges are set from the calibration images",
                              hint="use minmax, percentile, entropy or mse", choices=CALIBRATORS)
-    images: int = option(256, "calibration images", hint="use a number of calibration images such as 256", check=positive)
+    calib_images: int = option(256, "calibration (and reconstruction) images", check=positive,
+                               hint="use a number of calibration images such as 256")
+    images: str | None = option(None, "calibrate on these images (folder or .txt list, labels not needed) instead of "
+                                "the data yaml's train split", hint="give a folder of images or a .txt list of image "
+                                "paths; the number used is --calib-images")
+    reconstruct: bool = option(False, "learn the weight rounding (AdaRound) and activation step sizes (LSQ) block by "
+                               "block against the float model (BRECQ)", hint="use true or false")
+    recon_iters: int = option(500, "reconstruction iterations per block", check=positive,
+                              hint="use a number of iterations such as 500")
+    bias_correction: bool = option(True, "shift each conv's bias so its quantized output channels keep the float "
+                                   "means on the calibration images (after reconstruction when both)",
+                                   hint="use true or false")
+    budget_mb: float | None = option(None, "mixed precision: weight bytes (MB) allowed; the most output-sensitive convs "
+                                     "keep 8-bit weights, the rest get 4", check=positive,
+                                     hint="use a size in MB between the all-4-bit and all-8-bit weight bytes")
     bits: int = option(8, "bits of weights and activations", hint="use 8 or 4", check=valid_bits)
     weight_bits: int | None = option(None, "weight bits (unset: bits)", hint="use 8 or 4", check=valid_bits)
     act_bits: int | None = option(None, "activation bits (unset: bits)", hint="use 8 or 4", check=valid_bits)

@@ -25,10 +25,16 @@ QAT_LOW_BIT_LR0 = 1e-3
 def qat_train_defaults(weight_bits: int = 8, act_bits: int = 8, layer_bits: dict | None = None) -> dict[str, Any]:
     """The Ultralytics settings ``qat`` uses unless given: :data:`QAT_TRAIN_DEFAULTS`, with lr0
     :data:`QAT_LOW_BIT_LR0` when the weights, activations or any ``layer_bits`` entry use fewer than 8 bits."""
+    return {**QAT_TRAIN_DEFAULTS, **({"lr0": QAT_LOW_BIT_LR0} if min(used_bits(weight_bits, act_bits, layer_bits)) < 8
+                                     else {})}
+
+
+def used_bits(weight_bits: int, act_bits: int, layer_bits: dict | None = None) -> list[int]:
+    """Every bit width a quantization uses: the defaults and each ``layer_bits`` entry."""
     used = [weight_bits, act_bits]
     for v in (layer_bits or {}).values():
         used += list(v) if isinstance(v, (tuple, list)) else [v]
-    return {**QAT_TRAIN_DEFAULTS, **({"lr0": QAT_LOW_BIT_LR0} if min(used) < 8 else {})}
+    return used
 
 
 @dataclass
@@ -54,6 +60,11 @@ class QatConfig(TrainingOptions):
     calibrator: str = option("percentile", "range calibration before training", choices=CALIBRATORS,
                              hint="use minmax, percentile, entropy or mse")
     calib_images: int = option(128, "calibration images", hint="use a number of images such as 128", check=positive)
+    reconstruct: bool | None = option(None, "start from block-reconstruction PTQ (AdaRound + LSQ against the float "
+                                      "model) instead of plain calibration (unset: on below 8 bits)",
+                                      hint="use true or false")
+    recon_iters: int = option(300, "reconstruction iterations per block", check=positive,
+                              hint="use a number of iterations such as 300")
     freeze_bn_epoch: int = option(0, "epoch from which BN statistics are frozen (0 = from the start)",
                                   hint="use 0 to freeze BN from the start", check=non_negative)
     layer_bits: dict | None = option(None, "per-layer bits, {layer name: bits or [weight bits, act bits]}", cli=False,
@@ -63,3 +74,9 @@ class QatConfig(TrainingOptions):
 
     def bit_widths(self) -> tuple[int, int]:
         return self.weight_bits or self.bits, self.act_bits or self.bits
+
+    def reconstruct_first(self) -> bool:
+        """Whether the model starts from block-reconstruction PTQ: as set, else whenever any layer is below 8 bits."""
+        if self.reconstruct is not None:
+            return self.reconstruct
+        return min(used_bits(*self.bit_widths(), self.layer_bits)) < 8

@@ -26,13 +26,32 @@ _METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"
 
 
 class _Reader:
-    """ONNX Runtime CalibrationDataReader over our letterboxed batches (one image per call: the graph is batch 1)."""
+    """ONNX Runtime CalibrationDataReader over our letterboxed batches, one image per call (the graph is batch 1).
+    It supports ``set_range``, so ONNX Runtime calibrates chunk by chunk (``CalibStridedMinMax``) and keeps the
+    intermediate outputs of one chunk only: its histogram calibrators otherwise store every output of every image."""
 
     def __init__(self, batches: Iterable[torch.Tensor]):
-        self.items = iter([{"images": x[i : i + 1].numpy().astype(np.float32)} for x in batches for i in range(len(x))])
+        self.batches = list(batches)
+        self.index = [(b, i) for b, x in enumerate(self.batches) for i in range(len(x))]
+        self.set_range(0, len(self.index))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self.position, self.end = start_index, min(end_index, len(self.index))
 
     def get_next(self) -> dict | None:
-        return next(self.items, None)
+        if self.position >= self.end:
+            return None
+        b, i = self.index[self.position]
+        self.position += 1
+        return {"images": self.batches[b][i : i + 1].numpy().astype(np.float32)}
+
+
+def chunk_size(total: int, largest: int = 8) -> int:
+    """The largest chunk up to ``largest`` images that divides ``total`` (ONNX Runtime requires equal chunks)."""
+    return next(d for d in range(min(largest, total), 0, -1) if total % d == 0)
 
 
 def decode_nodes(model: onnx.ModelProto) -> list[str]:
@@ -59,8 +78,10 @@ def export_ort_int8(model: nn.Module, path: str | Path, batches: Iterable[torch.
     with tempfile.TemporaryDirectory() as tmp:
         float_path = export_onnx(model, Path(tmp) / "float.onnx", imgsz=imgsz)
         exclude = decode_nodes(onnx.load(str(float_path)))
-        quantize_static(str(float_path), str(path), _Reader(batches), quant_format=QuantFormat.QDQ,
+        reader = _Reader(batches)
+        quantize_static(str(float_path), str(path), reader, quant_format=QuantFormat.QDQ,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
                         calibrate_method=getattr(CalibrationMethod, _METHODS[calibrator]),
-                        nodes_to_exclude=exclude, extra_options={"CalibMovingAverage": False})
+                        nodes_to_exclude=exclude, extra_options={"CalibMovingAverage": False,
+                                                                "CalibStridedMinMax": chunk_size(len(reader))})
     return stamp(path, model, imgsz)  # ONNX Runtime's quantizer does not keep the float file's metadata

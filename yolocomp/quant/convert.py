@@ -85,6 +85,7 @@ def quantize_model(model: nn.Module, w_bits: int = 8, a_bits: int = 8, exclude: 
             q = QConv(m, None, nn.Identity(), wb, ab, name)
         else:
             q = QConv(m.conv, getattr(m, "bn", None), m.act, wb, ab, name)
+        q.float_type = type(m).__name__
         _set(model, name, q)
         quantized.append(name)
     for name, m in list(model.named_modules()):

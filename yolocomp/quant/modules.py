@@ -29,6 +29,8 @@ class QConv(nn.Module):
         self.act_quant = Quantizer(a_bits, channels=None, signed=None)
         self.weight_quant = Quantizer(w_bits, channels=conv.out_channels, signed=True)
         self.bn_frozen = False
+        self.rounding: nn.Module | None = None  # learned rounding while PTQ reconstruction fits it (quant.adaround)
+        self.probe = None  # callable(conv, pre-activation output) while statistics are gathered
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, bn_frozen={self.bn_frozen}"
@@ -77,7 +79,12 @@ class QConv(nn.Module):
             return self.act(self._conv(xq, self.export_weight, self.export_bias))
         if self.bn is None or not self.training or self.bn_frozen:
             w, b = self.folded()
-            return self.act(self._conv(xq, self.weight_quant(w), b))
+            rounding = getattr(self, "rounding", None)
+            wq = rounding(w) if rounding is not None and self.weight_quant.enabled else self.weight_quant(w)
+            y = self._conv(xq, wq, b)
+            if getattr(self, "probe", None) is not None:
+                self.probe(self, y)  # pre-activation statistics (quant.bias_correction)
+            return self.act(y)
         f = self.fold_factor()
         y = self._conv(xq, self.weight_quant(self.conv.weight * f.view(-1, 1, 1, 1)), None) / f.view(1, -1, 1, 1)
         if self.conv.bias is not None:

@@ -29,9 +29,10 @@ def _distance(ref: list[torch.Tensor], out: list[torch.Tensor], nbox: int = 4) -
 
 
 @torch.no_grad()
-def layer_sensitivity(model: nn.Module, batches: list[torch.Tensor], progress: bool = True) -> list[dict]:
-    """For a calibrated quantized model: the output change when only one conv (its input and weight quantizers) is
-    quantized. Sorted most sensitive first."""
+def layer_sensitivity(model: nn.Module, batches: list[torch.Tensor], progress: bool = True,
+                      part: str = "both") -> list[dict]:
+    """For a calibrated quantized model: the output change when only one conv is quantized: its input and weight
+    quantizers (``part="both"``), or only its weight (``"weight"``). Sorted most sensitive first."""
     model.eval()
     qs = quantizers(model)
     state = {id(q): q.enabled for q in qs}
@@ -41,7 +42,8 @@ def layer_sensitivity(model: nn.Module, batches: list[torch.Tensor], progress: b
     rows = []
     try:
         for conv in tqdm(quant_convs(model), desc="sensitivity", disable=not progress, leave=False):
-            conv.act_quant.enabled = conv.weight_quant.enabled = True
+            conv.weight_quant.enabled = True
+            conv.act_quant.enabled = part == "both"
             rows.append({"layer": conv.name, "w_bits": conv.weight_quant.bits, "a_bits": conv.act_quant.bits,
                          "output_error": round(_distance(ref, _outputs(model, batches)), 6)})
             conv.act_quant.enabled = conv.weight_quant.enabled = False
@@ -67,3 +69,36 @@ def mixed_precision_plan(rows: list[dict], bits: int, keep: float = 0.1) -> dict
         return {"default_bits": bits, "layer_bits": {name: 8 for name in top},
                 "note": f"{n} most sensitive convs at 8 bits, the rest at {bits}"}
     return {"default_bits": bits, "exclude": top, "note": f"{n} most sensitive convs kept in float"}
+
+
+def weight_bytes(conv: nn.Module, bits: int) -> float:
+    """Bytes of a conv's weight at ``bits`` (4-bit weights pack two per byte)."""
+    return conv.conv.weight.numel() * bits / 8
+
+
+def weight_bit_plan(model: nn.Module, rows: list[dict], budget_bytes: float, low: int = 4, high: int = 8) -> dict:
+    """Choose ``high`` or ``low`` weight bits per conv under ``budget_bytes`` of weight storage.
+
+    ``rows``: :func:`layer_sensitivity` at ``low`` weight bits (``part="weight"``). Greedy knapsack: start with every
+    conv at ``low`` bits and raise the convs with the most output error per added byte while the budget allows.
+    Raises ValueError when the budget is below the all-``low`` size."""
+    convs = {c.name: c for c in quant_convs(model)}
+    error = {r["layer"]: r["output_error"] for r in rows if r["layer"] in convs}
+    low_total = sum(weight_bytes(c, low) for c in convs.values())
+    high_total = sum(weight_bytes(c, high) for c in convs.values())
+    if budget_bytes < low_total:
+        raise ValueError(f"budget {budget_bytes / 1e6:.3f} MB is below the all-{low}-bit weights "
+                         f"({low_total / 1e6:.3f} MB)")
+    bits = {name: low for name in convs}
+    used = low_total
+    gain = {n: error.get(n, 0.0) / max(weight_bytes(c, high) - weight_bytes(c, low), 1.0) for n, c in convs.items()}
+    for name in sorted(convs, key=lambda n: -gain[n]):
+        extra = weight_bytes(convs[name], high) - weight_bytes(convs[name], low)
+        if used + extra <= budget_bytes:
+            bits[name] = high
+            used += extra
+    table = [{"layer": n, "weight_bits": b, "weight_kb": round(weight_bytes(convs[n], b) / 1e3, 2),
+              "output_error_at_low": round(error.get(n, 0.0), 6)} for n, b in bits.items()]
+    return {"weight_bits": bits, "weight_mb": round(used / 1e6, 4), "budget_mb": round(budget_bytes / 1e6, 4),
+            f"all_{low}bit_mb": round(low_total / 1e6, 4), f"all_{high}bit_mb": round(high_total / 1e6, 4),
+            "layers_high": sum(b == high for b in bits.values()), "layers": len(bits), "table": table}

@@ -36,7 +36,8 @@ def _sources(i: int, f: int | list[int]) -> list[int]:
 
 def detector_blocks(model: nn.Module) -> list[Block]:
     """Every layer of ``model.model`` as a :class:`Block`, with the layers it reads and who reads it last."""
-    blocks = [Block(i, m, _sources(i, m.f), type(m).__name__, any(True for _ in m.parameters()))
+    # a quantized layer keeps the kind of the float layer it replaced, so student and teacher blocks still pair up
+    blocks = [Block(i, m, _sources(i, m.f), getattr(m, "float_type", type(m).__name__), any(True for _ in m.parameters()))
               for i, m in enumerate(model.model)]
     for b in blocks:
         for j in b.sources:

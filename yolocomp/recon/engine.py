@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from yolocomp.errors import UserError
 from yolocomp.recon.blocks import Block, OutputCache, detector_blocks, run_block
@@ -88,24 +89,50 @@ def recalibrate_bn(model: nn.Module, batches: Sequence[torch.Tensor]) -> None:
         model.eval()
 
 
+class BlockFit:
+    """How one block is fitted: which tensors learn (with which learning rate), what the loss adds to the output MSE,
+    and what happens once the fit ends. The default fits every float parameter of the block (pruning recovery);
+    :class:`yolocomp.quant.adaround.AdaRoundFit` learns weight rounding and activation step sizes instead (PTQ)."""
+
+    def __init__(self, lr: float = 1e-3):
+        self.lr = lr
+
+    def begin(self, module: nn.Module) -> list[dict]:
+        """Prepare ``module`` for fitting; return the optimizer's parameter groups."""
+        return [{"params": [p for p in module.parameters() if p.dtype.is_floating_point], "lr": self.lr}]
+
+    def penalty(self, module: nn.Module, output: torch.Tensor, progress: float) -> torch.Tensor | float:
+        """A term added to the output MSE at ``progress`` (0 -> 1 over the iterations)."""
+        return 0.0
+
+    def end(self, module: nn.Module) -> dict:
+        """Finish the fit (e.g. make rounding hard); returns report entries for the block."""
+        return {}
+
+    def settings(self) -> dict:
+        return {"lr": self.lr}
+
+
 def _fit_block(block: Block, cache: OutputCache, targets: list[torch.Tensor], fit_ids: list[int], iters: int,
-               lr: float, device: torch.device, gen: torch.Generator) -> None:
-    params = [p for p in block.module.parameters() if p.dtype.is_floating_point]
+               fitter: BlockFit, device: torch.device, gen: torch.Generator) -> dict:
+    groups = fitter.begin(block.module)
+    params = [p for g in groups for p in g["params"]]
     flags = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=lr)
+    opt = torch.optim.Adam(groups)
     try:
-        for _ in range(iters):
+        for it in range(iters):
             b = fit_ids[int(torch.randint(len(fit_ids), (1,), generator=gen))]
             out = run_block(block, cache.inputs(block, b, device))
-            loss = nn.functional.mse_loss(out, targets[b].to(device))
+            loss = nn.functional.mse_loss(out, targets[b].to(device)) + fitter.penalty(block.module, out, it / iters)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
     finally:
         for p, f in zip(params, flags):
             p.requires_grad_(f)
+    return fitter.end(block.module)
 
 
 @torch.no_grad()
@@ -148,6 +175,8 @@ def reconstruct(
     recalibrate: bool = False,
     store: str | torch.device = "cpu",
     seed: int = 0,
+    fitter: BlockFit | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Fit the student's blocks in place, in order, to the teacher's block outputs; returns the report.
 
@@ -155,6 +184,7 @@ def reconstruct(
     images to measure on (default: the last ``holdout`` share of the batches, never fitted on). ``fit``: ``all``
     blocks with parameters (their inputs change when anything upstream changed) or only the ``changed`` ones (other
     shapes than the teacher's). ``store``: where cached feature maps live (``cpu`` keeps GPU memory for the fit).
+    ``fitter``: what learns in each block (default :class:`BlockFit`: every float parameter at ``lr``).
     Report: per block ``layer``, ``type``, ``changed``, ``fitted``, ``reverted``, ``error_before`` / ``error_after``
     (relative MSE on the held-out images, kept channels only), and ``head_error`` before / after for the whole model.
     """
@@ -189,9 +219,10 @@ def reconstruct(
     fit_ids, held_ids = list(range(len(batches))), list(range(len(batches), len(all_batches)))
     s_cache, t_cache = OutputCache(all_batches, s_blocks, store), OutputCache(all_batches, t_blocks, store)
     gen = torch.Generator().manual_seed(seed)
+    fitter = fitter or BlockFit(lr)
     rows = []
     try:
-        for sb, tb in zip(s_blocks, t_blocks):
+        for sb, tb in tqdm(list(zip(s_blocks, t_blocks)), desc="reconstruct", disable=not progress, leave=False):
             if sb.kind != tb.kind:
                 raise UserError(f"layer {sb.index} is {sb.kind} in the student but {tb.kind} in the teacher")
             targets = _select(t_cache.advance(tb, device), keep.get(sb.index))
@@ -200,7 +231,7 @@ def reconstruct(
                 row["error_before"] = _block_error(sb, s_cache, targets, held_ids, device)
                 if iters and (fit == "all" or row["changed"]):
                     saved = deepcopy(sb.module.state_dict())
-                    _fit_block(sb, s_cache, targets, fit_ids, iters, lr, device, gen)
+                    row.update(_fit_block(sb, s_cache, targets, fit_ids, iters, fitter, device, gen))
                     row["fitted"] = True
                     row["error_after"] = _block_error(sb, s_cache, targets, held_ids, device)
                     if row["error_after"] > row["error_before"]:
@@ -221,7 +252,7 @@ def reconstruct(
         "blocks": rows,
         "head_error": {"before": _sig(head_before), "after": _sig(head_after)},
         "images": {"fit": sum(len(b) for b in batches), "held_out": sum(len(b) for b in held)},
-        "settings": {"iters": iters, "lr": lr, "batch_size": batch_size, "fit": fit, "recalibrate_bn": recalibrate,
+        "settings": {"iters": iters, **fitter.settings(), "batch_size": batch_size, "fit": fit, "recalibrate_bn": recalibrate,
                      "bn": "eval (running statistics fixed)"},
         "seconds": round(time.perf_counter() - start, 2),
     }

@@ -1,0 +1,274 @@
+"""Block-reconstruction PTQ (AdaRound + LSQ through the shared engine), bias correction, mixed precision, streaming
+calibration and the ``ptq`` contract's bad inputs."""
+
+from __future__ import annotations
+
+import json
+from copy import deepcopy
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from test_quant import lively_detector
+
+from yolocomp.errors import UserError
+from yolocomp.quant.adaround import AdaRound
+from yolocomp.quant.bias_correction import correct_bias
+from yolocomp.quant.calibrate import calibrate
+from yolocomp.quant.convert import quantize_model
+from yolocomp.quant.modules import quant_convs
+from yolocomp.quant.observers import HistogramObserver, choose_range
+from yolocomp.quant.quantizer import Quantizer
+from yolocomp.quant.reconstruct import reconstruct_quantized
+from yolocomp.quant.sensitivity import layer_sensitivity, weight_bit_plan, weight_bytes
+
+IMGSZ = 64
+
+
+@pytest.fixture(scope="module")
+def float_model():
+    return lively_detector()
+
+
+@pytest.fixture(scope="module")
+def images():
+    torch.manual_seed(3)
+    return [torch.rand(4, 3, IMGSZ, IMGSZ) for _ in range(4)]
+
+
+def _quantized(model, images, w_bits=4, a_bits=8, layer_bits=None):
+    q = deepcopy(model)
+    quantize_model(q, w_bits, a_bits, layer_bits=layer_bits)
+    calibrate(q, images, "percentile", progress=False)
+    return q.eval()
+
+
+@pytest.fixture(scope="module")
+def reconstructed(float_model, images):
+    q = _quantized(float_model, images)
+    nearest = deepcopy(q)
+    report = reconstruct_quantized(q, float_model, images, iters=60, progress=False)
+    return nearest, q, report
+
+
+# --- AdaRound -------------------------------------------------------------------------------------------------------
+def test_adaround_starts_at_the_float_weight_and_ends_on_the_grid():
+    torch.manual_seed(0)
+    w = torch.randn(4, 3, 3, 3)
+    q = Quantizer(4, channels=4)
+    q.init_from_weight(w)
+    rounding = AdaRound(w, q)
+    s = q.step()
+    with torch.no_grad():
+        assert torch.allclose(rounding(w), torch.clamp(w / s, -8, 7) * s, atol=1e-3 * float(s.max()))  # soft start
+        rounding.alpha.add_(torch.randn_like(rounding.alpha))
+        rounding.hard = True
+        k = rounding(w) / s
+    assert torch.allclose(k, k.round(), atol=1e-5)  # on the 4-bit grid
+    inside = (w / s > -8) & (w / s < 7)  # weights beyond the clip land on the clip
+    up = (k.round() - torch.floor(w / s))[inside]
+    assert set(up.unique().tolist()) == {0.0, 1.0}  # each weight rounded down or up, both used
+
+
+def test_reconstruction_leaves_hard_rounded_weights_on_the_grid(reconstructed):
+    nearest, q, report = reconstructed
+    fitted = [r for r in report["blocks"] if r["fitted"] and not r["reverted"]]
+    assert fitted and all(c.rounding is None for c in quant_convs(q))  # no AdaRound variables left behind
+    layers = {r["layer"] for r in fitted}  # a reverted block keeps its float weights (nearest rounding on export)
+    changed = 0
+    for c_near, c in zip(quant_convs(nearest), quant_convs(q)):
+        if int(c.name.split(".")[1]) not in layers:
+            continue
+        w0, w = c_near.folded()[0], c.folded()[0]
+        k = w / c.weight_quant.step()
+        assert torch.allclose(k, k.round(), atol=1e-3), c.name
+        # the grid value is the float weight (clipped to the grid) rounded down or up, never further away
+        qn, qp = c.weight_quant.qrange
+        w0 = (w0 / c.weight_quant.step()).clamp(qn, qp)
+        assert (k.round() - w0).abs().max() < 1 + 1e-3, c.name
+        changed += int((k.round() != w0.round()).sum())
+    assert changed > 0  # AdaRound chose another rounding than the nearest for some weights
+
+
+def test_reconstruction_beats_nearest_rounding_on_held_out_images(reconstructed, float_model):
+    from yolocomp.recon.engine import head_error
+
+    nearest, q, report = reconstructed
+    held = [torch.rand(4, 3, IMGSZ, IMGSZ, generator=torch.Generator().manual_seed(9))]
+    assert head_error(q, float_model, held) < head_error(nearest, float_model, held)
+    assert any(r["error_after"] < r["error_before"] for r in report["blocks"] if r["fitted"])
+
+
+def _raw_head(model, x):
+    """Detect's raw output (box-bin and class logits per anchor: the pre-activation of its last convs)."""
+    from yolocomp.recon.blocks import OutputCache, detector_blocks
+
+    blocks = detector_blocks(model)
+    cache = OutputCache([x], blocks)
+    for block in blocks:
+        out = cache.advance(block, torch.device("cpu"))
+    return out[0]
+
+
+def test_bias_correction_gives_the_head_logits_their_float_means(float_model, images):
+    q = _quantized(float_model, images, 4, 4)
+    x = torch.cat(images)
+    with torch.no_grad():
+        ref = _raw_head(float_model, x)
+        before = (_raw_head(q, x) - ref).mean((0, 2)).abs().mean()
+        info = correct_bias(q, images)
+        after = (_raw_head(q, x) - ref).mean((0, 2)).abs().mean()
+    assert info["convs"] == len(quant_convs(q)) and after < 0.2 * before
+
+
+# --- exported parity -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", ["w8a8", "w4a8", "mixed"])
+def test_exported_onnx_equals_the_fake_quant_model(bits, float_model, images, tmp_path):
+    from yolocomp.export.lint import lint_qdq
+    from yolocomp.export.onnx_qdq import export_onnx
+
+    layer_bits = None
+    if bits == "mixed":
+        names = [c.name for c in quant_convs(_quantized(float_model, images[:1]))]
+        layer_bits = {n: (8 if i % 3 == 0 else 4, 8) for i, n in enumerate(names)}
+    w = 8 if bits == "w8a8" else 4
+    q = _quantized(float_model, images, w, 8, layer_bits)
+    reconstruct_quantized(q, float_model, images, iters=10, progress=False)
+    path = export_onnx(q, tmp_path / f"{bits}.onnx", imgsz=IMGSZ)
+    assert lint_qdq(path) == []
+    x = images[0][:1]
+    y = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})[0]
+    with torch.no_grad():
+        fake, flt = q(x)[0].numpy(), float_model(x)[0].numpy()
+    # float sums in another order move a few values across a rounding boundary: far below the quantization noise
+    assert np.median(np.abs(y - fake)) < 0.25 * np.median(np.abs(fake - flt))
+    if bits == "mixed":  # 4-bit weights exactly where the plan says 4 (INT4 tensors, or int8 within -8..7)
+        weights = [i for i in onnx.load(str(path)).graph.initializer if i.name.endswith("export_weight_quantized")]
+
+        def four_bit(w):
+            a = onnx.numpy_helper.to_array(w)
+            return w.data_type == onnx.TensorProto.INT4 or (a.min() >= -8 and a.max() <= 7)
+
+        assert len(weights) == len(layer_bits)
+        assert sum(four_bit(w) for w in weights) == sum(b == 4 for b, _ in layer_bits.values())
+
+
+# --- mixed precision plan --------------------------------------------------------------------------------------------
+def test_weight_bit_plan_respects_the_budget_and_raises_the_sensitive_convs(float_model, images):
+    q = _quantized(float_model, images, 4, 8)
+    rows = layer_sensitivity(q, images[:1], progress=False, part="weight")
+    convs = quant_convs(q)
+    low, high = sum(weight_bytes(c, 4) for c in convs), sum(weight_bytes(c, 8) for c in convs)
+    budget = low + 0.3 * (high - low)
+    plan = weight_bit_plan(q, rows, budget)
+    assert plan["weight_mb"] * 1e6 <= budget + 1 and 0 < plan["layers_high"] < len(convs)
+    assert weight_bit_plan(q, rows, high)["layers_high"] == len(convs)
+    assert weight_bit_plan(q, rows, low)["layers_high"] == 0
+    with pytest.raises(ValueError, match="below the all-4-bit weights"):
+        weight_bit_plan(q, rows, low - 10)
+
+
+# --- streaming calibration -------------------------------------------------------------------------------------------
+def test_streamed_histogram_gives_the_ranges_of_all_values_at_once():
+    torch.manual_seed(0)
+    chunks = [torch.randn(10000) * (1 + i) for i in range(8)]  # the range grows as chunks arrive
+    streamed, whole = HistogramObserver(), HistogramObserver()
+    for c in chunks:
+        streamed.update(c)
+    whole.update(torch.cat(chunks))
+    assert streamed.max_value == whole.max_value and streamed.count == whole.count
+    for method in ("minmax", "percentile", "mse"):
+        a, b = choose_range(streamed, method), choose_range(whole, method)
+        # the streamed histogram's range doubled as chunks came, so its bins are up to twice as wide: 1 % of the range
+        assert abs(a - b) <= 0.01 * whole.max_value, method
+    exact = float(torch.cat(chunks).abs().quantile(0.9999))
+    assert abs(choose_range(streamed, "percentile") - exact) < 0.02 * exact
+
+
+def test_ort_flavour_calibrates_in_chunks_with_the_same_ranges(float_model, images, tmp_path, monkeypatch):
+    from yolocomp.export import ort_int8
+
+    assert ort_int8.chunk_size(256) == 8 and ort_int8.chunk_size(18) == 6 and ort_int8.chunk_size(7) == 7
+    chunked = ort_int8.export_ort_int8(float_model, tmp_path / "chunked.onnx", images, IMGSZ, "minmax")
+    monkeypatch.setattr(ort_int8, "chunk_size", lambda total, largest=8: total)  # one chunk: every output kept
+    whole = ort_int8.export_ort_int8(float_model, tmp_path / "whole.onnx", images, IMGSZ, "minmax")
+
+    def scales(path):
+        return {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer
+                if i.name.endswith("_scale")}
+
+    a, b = scales(chunked), scales(whole)
+    assert a.keys() == b.keys() and len(a) > 50
+    assert all(np.allclose(a[k], b[k], rtol=1e-5) for k in a)
+
+
+# --- the command ------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_ptq_reconstruct_on_unlabelled_images_writes_the_contract(synthetic_data, tmp_path):
+    from yolocomp.commands.ptq import ptq
+
+    folder = synthetic_data.parent / "images" / "train"
+    report = ptq(lively_detector(), synthetic_data, tmp_path, bits=4, act_bits=8, images=str(folder), calib_images=8,
+                 reconstruct=True, recon_iters=5, imgsz=IMGSZ, eval_images=2)
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert (tmp_path / "model_w4a8.onnx").exists() and saved["lint"] == []
+    assert 0 <= saved["ap_onnx"]["ap"] <= 1 and saved["calibration_source"] == str(folder)
+    assert saved["settings"]["reconstruct"] is True and report["reconstruction"]["blocks"]
+    mixed = ptq(lively_detector(), synthetic_data, tmp_path / "mixed", bits=8, calib_images=8, imgsz=IMGSZ,
+                budget_mb=2.0, evaluate=False)
+    assert (tmp_path / "mixed" / "model_mixed.onnx").exists()
+    plan = mixed["mixed_precision"]
+    assert plan["weight_mb"] <= 2.0 and 0 < plan["layers_high"] < plan["layers"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--act-bits", "3"], "act_bits = 3 is not 4 or 8; use 8 or 4"),
+    (["--images", "64"], "--images 64: --images takes a folder or .txt list of images"),
+    (["--budget-mb", "0.01"], "--budget-mb 0.01: budget 0.010 MB is below the all-4-bit weights"),
+    (["--images", "EMPTY"], "no images found"),
+])
+def test_bad_ptq_input_is_one_line_and_exit_2(args, message, synthetic_data, tiny_detector, tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "empty").mkdir()
+    args = [str(tmp_path / "empty") if a == "EMPTY" else a for a in args]
+    proc = subprocess.run([sys.executable, "-m", "yolocomp.cli", "ptq", "--model", str(tiny_detector["pt"]), "--data",
+                           str(synthetic_data), "--calib-images", "4", "--imgsz", "64", "--out", str(tmp_path / "o"),
+                           *args], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_config_rejects_bad_values():
+    from yolocomp.recipe import stage_config
+
+    with pytest.raises(UserError, match="budget_mb"):
+        stage_config("ptq", {"budget_mb": -1})
+
+
+# --- distilled low-bit QAT starts from the reconstruction ---------------------------------------------------------------
+def test_qat_reconstructs_first_below_8_bits():
+    from yolocomp.recipe import stage_config
+
+    assert stage_config("qat", {"bits": 4}).reconstruct_first()
+    assert stage_config("qat", {"act_bits": 4}).reconstruct_first()
+    assert stage_config("qat", {"layer_bits": {"model.0": 4}}).reconstruct_first()
+    assert not stage_config("qat", {}).reconstruct_first()
+    assert not stage_config("qat", {"bits": 4, "reconstruct": False}).reconstruct_first()
+
+
+@pytest.mark.slow
+def test_four_bit_qat_trains_from_the_reconstructed_model(synthetic_data, tiny_detector, tmp_path):
+    from yolocomp.commands.qat import qat
+
+    folder = synthetic_data.parent / "images" / "train"
+    report = qat(str(tiny_detector["pt"]), synthetic_data, tmp_path, bits=4, act_bits=8, epochs=1, imgsz=IMGSZ, batch=8,
+                 images=str(folder), evaluate_float=False, calib_images=8, recon_iters=5, eval_images=2)
+    recon = report["reconstruction"]
+    assert recon["images"]["fit"] + recon["images"]["held_out"] == 8 and any(b["fitted"] for b in recon["blocks"])
+    assert report["teacher"].startswith("self") and report["label_loss"] is False
+    assert (tmp_path / "model_w4a8.onnx").exists() and report["lint"] == []
