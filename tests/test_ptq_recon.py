@@ -214,7 +214,7 @@ def test_ptq_reconstruct_on_unlabelled_images_writes_the_contract(synthetic_data
                  reconstruct=True, recon_iters=5, imgsz=IMGSZ, eval_images=2)
     saved = json.loads((tmp_path / "report.json").read_text())
     assert (tmp_path / "model_w4a8.onnx").exists() and saved["lint"] == []
-    assert 0 <= saved["ap_onnx"]["ap"] <= 1 and saved["calibration_source"] == str(folder)
+    assert 0 <= saved["ap"] == saved["ap_onnx"]["ap"] <= 1 and saved["calibration_source"] == str(folder)
     assert saved["settings"]["reconstruct"] is True and report["reconstruction"]["blocks"]
     mixed = ptq(lively_detector(), synthetic_data, tmp_path / "mixed", bits=8, calib_images=8, imgsz=IMGSZ,
                 budget_mb=2.0, evaluate=False)

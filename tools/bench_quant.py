@@ -201,8 +201,8 @@ def main(argv: list[str] | None = None) -> dict:
         for cal in [c for c in args.calibrators.split(",") if c]:
             add(f"ptq_{cal}", lambda cal=cal: run_ptq(f"ptq_{cal}", calibrator=cal, ort=args.ort),
                 {"placement": "tensorrt", "calibrator": cal})
-        # the defaults without bias correction, and with other numbers of calibration images (more must not hurt)
-        add("ptq_percentile_no_bias_correction", lambda: run_ptq("ptq_percentile_no_bc", bias_correction=False),
+        # the defaults with bias correction, and with other numbers of calibration images (more must not hurt)
+        add("ptq_percentile_bias_correction", lambda: run_ptq("ptq_percentile_bc", bias_correction=True),
             {"placement": "tensorrt", "calibrator": "percentile"})
         for n in [int(c) for c in args.calib_counts.split(",") if c]:
             add(f"ptq_percentile_{n}_images", lambda n=n: (lambda rep: (rep["onnx"], rep))(ptq(

@@ -124,6 +124,8 @@ def ptq(model: Any, data: str | Path, out: str | Path, *, imgsz: int = 640, devi
         report["mixed_precision_plan"] = mixed_precision_plan(rows, min(wb, ab))
     report["quantize_seconds"] = round(time.time() - t0, 1)
     report.update(export_and_check(qmodel, out, name, data_abs, imgsz, device, cfg.eval_images, evaluate))
+    if "ap_onnx" in report:
+        report["ap"] = report["ap_onnx"]["ap"]  # the contract's number: AP of the exported file (fraction)
     if "ap_float" in report and "ap_onnx" in report:
         report["ap_drop"] = round(report["ap_float"]["ap"] - report["ap_onnx"]["ap"], 4)
     if cfg.ort:

@@ -22,7 +22,7 @@ class PtqConfig:
                                "block against the float model (BRECQ)", hint="use true or false")
     recon_iters: int = option(500, "reconstruction iterations per block", check=positive,
                               hint="use a number of iterations such as 500")
-    bias_correction: bool = option(True, "shift each conv's bias so its quantized output channels keep the float "
+    bias_correction: bool = option(False, "shift each conv's bias so its quantized output channels keep the float "
                                    "means on the calibration images (after reconstruction when both)",
                                    hint="use true or false")
     budget_mb: float | None = option(None, "mixed precision: weight bytes (MB) allowed; the most output-sensitive convs "
