@@ -272,3 +272,18 @@ def test_four_bit_qat_trains_from_the_reconstructed_model(synthetic_data, tiny_d
     assert recon["images"]["fit"] + recon["images"]["held_out"] == 8 and any(b["fitted"] for b in recon["blocks"])
     assert report["teacher"].startswith("self") and report["label_loss"] is False
     assert (tmp_path / "model_w4a8.onnx").exists() and report["lint"] == []
+
+
+def test_openvino_refuses_four_bit_activations_with_one_line(float_model, images, tmp_path):
+    pytest.importorskip("openvino")
+    from yolocomp.export.onnx_qdq import export_onnx
+    from yolocomp.export.openvino import export_openvino, low_bit_activation_nodes
+
+    q = _quantized(float_model, images, 4, 4)
+    path = export_onnx(q, tmp_path / "model_w4a4.onnx", imgsz=IMGSZ)
+    assert len(low_bit_activation_nodes(path)) >= 50  # one per distinct activation quantizer
+    with pytest.raises(UserError, match="4-bit activation quantizers, which OpenVINO cannot run"):
+        export_openvino(path, tmp_path / "ov", imgsz=IMGSZ)
+    assert not (tmp_path / "ov").exists()  # nothing written
+    w4a8 = export_onnx(_quantized(float_model, images, 4, 8), tmp_path / "model_w4a8.onnx", imgsz=IMGSZ)
+    assert low_bit_activation_nodes(w4a8) == []

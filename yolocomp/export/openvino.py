@@ -92,6 +92,27 @@ def _resolve_precision(precision: str, qdq: bool, source: Path) -> str:
     return "fp32" if precision == "auto" else precision
 
 
+def low_bit_activation_nodes(onnx_path: Path) -> list[str]:
+    """QuantizeLinear nodes of activations (not weights) with 4-bit (INT4 / UINT4) zero-points."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    inits = {i.name: i for i in model.graph.initializer}
+    four_bit = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
+    return [n.name or n.output[0] for n in model.graph.node
+            if n.op_type == "QuantizeLinear" and n.input[0] not in inits and len(n.input) > 2
+            and n.input[2] in inits and inits[n.input[2]].data_type in four_bit]
+
+
+def refuse_low_bit_activations(onnx_path: Path) -> None:
+    """OpenVINO has no 4-bit activation kernels and its converter corrupts memory on INT4 activation Q/DQ (the
+    process aborts), so such a file is refused before it reaches OpenVINO."""
+    nodes = low_bit_activation_nodes(onnx_path)
+    if nodes:
+        raise UserError(f"{onnx_path.name} has {len(nodes)} 4-bit activation quantizers, which OpenVINO cannot run; "
+                        f"deploy it with ONNX Runtime or TensorRT, or quantize activations to 8 bits (--act-bits 8)")
+
+
 def export_openvino(model: Any, out_dir: str | Path, imgsz: int = 640, precision: str = "auto",
                     dynamic: bool = False, stem: str | None = None, info: dict | None = None) -> Path:
     """Convert ``model`` to an OpenVINO IR folder ``out_dir/<stem>_openvino_model/`` and return the folder.
@@ -110,6 +131,7 @@ def export_openvino(model: Any, out_dir: str | Path, imgsz: int = 640, precision
     with tempfile.TemporaryDirectory(prefix="yolocomp-openvino-") as scratch:
         onnx_path, default_stem = _as_onnx(model, Path(scratch), imgsz, dynamic)
         stem = stem or default_stem
+        refuse_low_bit_activations(onnx_path)
         resolved = _resolve_precision(precision, has_qdq(onnx_path), onnx_path)
         try:
             ov_model = ov.convert_model(str(onnx_path))
