@@ -195,6 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
         return rep["onnx"], rep
 
     float_model = load_model(weights).float().eval()
+    report["int8_weight_mb"] = round(int8_weight_mb(float_model), 4)
     if "fp32" in groups:
         add("fp32", lambda: (export_onnx(float_model, out / "fp32.onnx", imgsz=args.imgsz), None))
     if "ptq" in groups:
@@ -217,14 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f"ptq_recon_{tag}", weight_bits=w, act_bits=a, reconstruct=True, recon_iters=iters),
                 {"weight_bits": w, "act_bits": a, "recon_iters": iters})
     if "mixed" in groups:
-        from yolocomp.quant.convert import quantize_model
-        from yolocomp.quant.modules import quant_convs
-        from yolocomp.quant.sensitivity import weight_bytes
-
-        probe = load_model(weights).float()
-        quantize_model(probe, 8, 8)
-        int8_mb = sum(weight_bytes(c, 8) for c in quant_convs(probe)) / 1e6
-        report["int8_weight_mb"] = round(int8_mb, 4)
+        int8_mb = report["int8_weight_mb"]
         for share in [float(s) for s in args.budgets.split(",") if s]:
             budget = round(share * int8_mb, 4)
             add(f"ptq_mixed_{share:g}", lambda budget=budget, share=share: run_ptq(
@@ -286,6 +280,19 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
+def int8_weight_mb(model) -> float:
+    """Megabytes of the model's conv weights at 8 bits (what a W8A8 Q/DQ file stores)."""
+    from copy import deepcopy
+
+    from yolocomp.quant.convert import quantize_model
+    from yolocomp.quant.modules import quant_convs
+    from yolocomp.quant.sensitivity import weight_bytes
+
+    probe = deepcopy(model)
+    quantize_model(probe, 8, 8, share=False)
+    return sum(weight_bytes(c, 8) for c in quant_convs(probe)) / 1e6
+
+
 def latency(paths: dict[str, Path], imgsz: int, runs: int, threads: int) -> dict[str, dict]:
     """Batch-1 ONNX Runtime CPU latency per file, interleaved call by call after 3 warm-up rounds."""
     from functools import partial
@@ -320,8 +327,10 @@ def plot_ap_vs_size(report: dict, path: Path) -> None:
             continue
         if "weight_mb" in r:
             points.append((r["weight_mb"], r["ap"], r["model"]))
-        elif int8_mb and r["model"].startswith("ptq_recon_w"):
+        elif int8_mb and "weight_bits" in r:  # uniform W4 / W8 rows
             points.append((int8_mb * r["weight_bits"] / 8, r["ap"], r["model"]))
+        elif int8_mb and r.get("placement") == "tensorrt":  # W8A8 PTQ rows
+            points.append((int8_mb, r["ap"], r["model"]))
     if not points:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
