@@ -98,6 +98,10 @@ def ptq(model: Any, data: str | Path, out: str | Path, *, imgsz: int = 640, devi
     if cfg.budget_mb is not None:
         plan = mixed_plan(float_model, cfg, batches, ab, device)
         report["mixed_precision"] = plan
+        from yolocomp.report import print_table
+
+        print_table(plan["table"], f"mixed-precision plan: {plan['layers_high']} of {plan['layers']} convs at 8-bit "
+                                   f"weights, {plan['weight_mb']} MB of {plan['budget_mb']} MB")
         layer_bits = {layer: (bits, ab) for layer, bits in plan["weight_bits"].items()}
         name = "model_mixed.onnx"
     qmodel = deepcopy(float_model)  # the caller's model (or our float reference) stays untouched
