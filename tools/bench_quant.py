@@ -79,7 +79,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--calib-counts", default="64,128", help="also run the default PTQ with these calibration image counts")
     ap.add_argument("--calib-source", default="train", choices=("train", "unlabeled"),
                     help="calibrate on coco-real train or on --images (unlabelled)")
-    ap.add_argument("--recon-iters", type=int, default=500, help="reconstruction iterations per block")
+    ap.add_argument("--recon-iters", type=int, default=1000, help="reconstruction iterations per block")
     ap.add_argument("--recon-bits", default="w8a8:200,w4a8,w4a4",
                     help="reconstructed PTQ variants, each optionally with its own iterations (w8a8:200)")
     ap.add_argument("--budgets", default="0.55,0.75", help="mixed-precision weight budgets, as shares of the INT8 bytes")

@@ -20,8 +20,8 @@ class PtqConfig:
                                 "paths; the number used is --calib-images")
     reconstruct: bool = option(False, "learn the weight rounding (AdaRound) and activation step sizes (LSQ) block by "
                                "block against the float model (BRECQ)", hint="use true or false")
-    recon_iters: int = option(500, "reconstruction iterations per block", check=positive,
-                              hint="use a number of iterations such as 500")
+    recon_iters: int = option(1000, "reconstruction iterations per block", check=positive,
+                              hint="use a number of iterations such as 1000")
     bias_correction: bool = option(False, "shift each conv's bias so its quantized output channels keep the float "
                                    "means on the calibration images (after reconstruction when both)",
                                    hint="use true or false")
