@@ -6,6 +6,7 @@ import pickle
 
 import pytest
 import torch
+from test_prune import randomized
 from torch import nn
 
 from yolocomp.integration import load_model, resume_interrupted, save_model, train
@@ -28,19 +29,6 @@ def data(tmp_path_factory):
     from yolocomp.demo.synthetic import make_dataset
 
     return make_dataset(tmp_path_factory.mktemp("progressive_data"), train=16, val=4, size=IMG)
-
-
-def randomized(seed: int = 0) -> nn.Module:
-    """yolov8n (3 classes) with per-channel BN parameters and statistics, so rankings are not trivial."""
-    torch.manual_seed(seed)
-    model = load_model("yolov8n.yaml", nc=3)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.3, 0.3)
-            m.running_mean.uniform_(-0.1, 0.1)
-            m.running_var.uniform_(0.5, 2.0)
-    return model.eval()
 
 
 def test_ramp_goes_from_one_to_exactly_zero():

@@ -27,7 +27,7 @@ def prune_data(tmp_path_factory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("prune_data"), train=16, val=8, size=IMG)
 
 
-def randomized(yaml: str, nc: int = 3, seed: int = 0) -> nn.Module:
+def randomized(yaml: str = "yolov8n.yaml", nc: int = 3, seed: int = 0) -> nn.Module:
     """A yaml-built model whose BN parameters and statistics differ per channel (so rankings are not trivial)."""
     from ultralytics.nn.tasks import DetectionModel
 

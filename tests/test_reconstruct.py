@@ -4,27 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
+from test_prune import randomized
 
-from yolocomp.integration import load_model, save_model
+from yolocomp.integration import save_model
 from yolocomp.prune import prune_model
 from yolocomp.recon import detector_blocks, reconstruct
 from yolocomp.recon.blocks import IMAGE, OutputCache
 from yolocomp.recon.engine import head_error, relative_error
 
 IMG = 64
-
-
-def randomized(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    model = load_model("yolov8n.yaml", nc=3)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.3, 0.3)
-            m.running_mean.uniform_(-0.1, 0.1)
-            m.running_var.uniform_(0.5, 2.0)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import platform
 import shutil
 import sys
@@ -45,8 +46,6 @@ class PeakMemory:
     @staticmethod
     def rss() -> int:
         with open("/proc/self/statm") as f:
-            import os
-
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
     def _watch(self) -> None:
@@ -122,6 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     from yolocomp.eval import evaluate
     from yolocomp.export.onnx_qdq import export_onnx
     from yolocomp.integration import load_model, mirror_dataset, resolve_data
+    from yolocomp.quant.sensitivity import model_weight_mb
 
     torch.set_num_threads(2)
     groups = set(args.rows.split(","))
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
         return rep["onnx"], rep
 
     float_model = load_model(weights).float().eval()
-    report["int8_weight_mb"] = round(int8_weight_mb(float_model), 4)
+    report["int8_weight_mb"] = round(model_weight_mb(float_model, 8), 4)
     if "fp32" in groups:
         add("fp32", lambda: (export_onnx(float_model, out / "fp32.onnx", imgsz=args.imgsz), None))
     if "ptq" in groups:
@@ -278,19 +278,6 @@ def main(argv: list[str] | None = None) -> dict:
     save()
     print_table(report)
     return report
-
-
-def int8_weight_mb(model) -> float:
-    """Megabytes of the model's conv weights at 8 bits (what a W8A8 Q/DQ file stores)."""
-    from copy import deepcopy
-
-    from yolocomp.quant.convert import quantize_model
-    from yolocomp.quant.modules import quant_convs
-    from yolocomp.quant.sensitivity import weight_bytes
-
-    probe = deepcopy(model)
-    quantize_model(probe, 8, 8, share=False)
-    return sum(weight_bytes(c, 8) for c in quant_convs(probe)) / 1e6
 
 
 def latency(paths: dict[str, Path], imgsz: int, runs: int, threads: int) -> dict[str, dict]:

@@ -50,13 +50,9 @@ def mixed_plan(float_model: Any, cfg: PtqConfig, batches: list, act_bits: int, d
 
 def check_budget(float_model: Any, cfg: PtqConfig) -> None:
     """A weight budget below the all-4-bit size is refused before any calibration work."""
-    from yolocomp.quant.convert import quantize_model
-    from yolocomp.quant.modules import quant_convs
-    from yolocomp.quant.sensitivity import weight_bytes
+    from yolocomp.quant.sensitivity import model_weight_mb
 
-    probe = deepcopy(float_model)
-    quantize_model(probe, 4, 8, exclude=layer_refs(cfg.exclude), share=False)
-    low = sum(weight_bytes(c, 4) for c in quant_convs(probe)) / 1e6
+    low = model_weight_mb(float_model, 4, exclude=layer_refs(cfg.exclude))
     if cfg.budget_mb < low:
         raise UserError(f"--budget-mb {cfg.budget_mb}: budget {cfg.budget_mb:.3f} MB is below the all-4-bit weights "
                         f"({low:.3f} MB); give at least that, or drop --budget-mb")

@@ -3,6 +3,8 @@ suggest a mixed-precision plan that keeps the most sensitive layers at higher pr
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -74,6 +76,17 @@ def mixed_precision_plan(rows: list[dict], bits: int, keep: float = 0.1) -> dict
 def weight_bytes(conv: nn.Module, bits: int) -> float:
     """Bytes of a conv's weight at ``bits`` (4-bit weights pack two per byte)."""
     return conv.conv.weight.numel() * bits / 8
+
+
+def model_weight_mb(model: nn.Module, bits: int, exclude: Iterable[str | int] = ()) -> float:
+    """Megabytes of the conv weights ``quantize_model`` would quantize (``exclude`` kept out), stored at ``bits``."""
+    from copy import deepcopy
+
+    from yolocomp.quant.convert import quantize_model
+
+    probe = deepcopy(model)
+    quantize_model(probe, bits, 8, exclude=exclude, share=False)
+    return sum(weight_bytes(c, bits) for c in quant_convs(probe)) / 1e6
 
 
 def weight_bit_plan(model: nn.Module, rows: list[dict], budget_bytes: float, low: int = 4, high: int = 8) -> dict:
