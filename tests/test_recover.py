@@ -7,6 +7,8 @@ import pytest
 from ultralytics import YOLO
 
 from yolocomp.cli import main
+from yolocomp.commands.prune import UNTIL_TIME_LIMIT
+from yolocomp.config import PruneConfig
 from yolocomp.prune import count_params
 
 
@@ -14,13 +16,14 @@ def test_prune_recover_kd_writes_the_contract(tmp_path, tiny_detector, synthetic
     out = tmp_path / "o"
     code = main(["prune", "--model", str(tiny_detector["pt"]), "--data", str(synthetic_data), "--method", "l1",
                  "--ratio", "0.3", "--recover", "kd", "--finetune-epochs", "1", "--batch", "8", "--imgsz", "64",
-                 "--device", "cpu", "--out", str(out)])
+                 "--recon-images", "16", "--recon-iters", "10", "--device", "cpu", "--out", str(out)])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
-    assert {"before", "pruned", "finetuned"} <= set(report["ap"])
+    assert {"before", "pruned", "reconstructed", "finetuned"} <= set(report["ap"])  # kd reconstructs first by default
+    assert report["recovery"]["reconstruction"]["images"]["fit"] == 12
     assert all(0 <= report["ap"][k]["ap"] <= 1 for k in ("before", "pruned", "finetuned"))
     assert report["gflops"]["after"] < report["gflops"]["before"]
-    assert report["recovery"]["method"] == "kd (logit)" and report["recovery"]["seconds"] > 0
+    assert report["recovery"]["method"] == "kd (block)" and report["recovery"]["seconds"] > 0
     finetuned = YOLO(str(out / "finetuned.pt")).model  # plain Ultralytics: no teacher, no adapters
     assert count_params(finetuned) == count_params(YOLO(str(out / "pruned.pt")).model)
     assert not any("teacher" in k or "adapter" in k for k in finetuned.state_dict())
@@ -47,16 +50,18 @@ def test_label_free_recovery_trains_on_images_alone(tmp_path, tiny_detector, syn
     out = tmp_path / "o"
     code = main(["prune", "--model", str(tiny_detector["pt"]), "--data", str(synthetic_data), "--images",
                  _images(synthetic_data), "--label-free", "--method", "l1", "--ratio", "0.3", "--recover", "kd",
-                 "--finetune-epochs", "1", "--batch", "8", "--imgsz", "64", "--out", str(out)])
+                 "--no-reconstruct", "--recover-minutes", "0.02", "--batch", "8", "--imgsz", "64", "--out", str(out)])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     assert report["recovery"]["label_free"] and report["recovery"]["labelled_images"] == 0
+    assert report["recovery"]["epochs"] == UNTIL_TIME_LIMIT  # no epoch count: the time limit ends the recovery
+    assert (out / "finetuned.pt").exists() and "reconstructed" not in report["ap"]
     assert report["recovery"]["unlabelled_images"] == 32
     losses = (out / "recover" / "results.csv").read_text().splitlines()
     header = [c.strip() for c in losses[0].split(",")]
     row = dict(zip(header, (float(v) for v in losses[1].split(","))))
     assert row["train/box_loss"] == row["train/cls_loss"] == row["train/dfl_loss"] == 0  # no labels, no detection loss
-    assert row["train/kdcls_loss"] > 0
+    assert row["train/kdcls_loss"] > 0 and row["train/kdfeat_loss"] > 0  # block KD: head and every layer
     assert 0 <= report["ap"]["finetuned"]["ap"] <= 1  # measured on the labelled val split
 
 
@@ -102,3 +107,10 @@ def test_frozen_batchnorm_keeps_running_statistics_through_training(tmp_path, ti
     assert all(torch.equal(before[n], after[n].to(before[n].dtype)) for n in before)  # statistics untouched
     weights = [n for n in before if n.endswith("running_mean")]
     assert weights  # the model has BatchNorm layers, so the check above checked something
+
+
+def test_kd_recovery_reconstructs_first_unless_told_otherwise():
+    assert PruneConfig(recover="kd").reconstruct_first() and not PruneConfig(recover="labels").reconstruct_first()
+    assert not PruneConfig(recover="kd", reconstruct=False).reconstruct_first()
+    assert PruneConfig(recover="labels", reconstruct=True).reconstruct_first()
+    assert PruneConfig().kd_method == "block"

@@ -26,8 +26,10 @@ SHARED = ROOT / ".." / "shared"
 #: variant -> prune() options (the importance criterion and the budget are added per run)
 RECOVERIES = {
     "oneshot_labels": {"recover": "labels", "steps": 1},
-    "oneshot_kd": {"recover": "kd", "steps": 1},
-    "progressive_kd": {"recover": "kd", "steps": 3},
+    "oneshot_head_kd": {"recover": "kd", "steps": 1, "kd_method": "logit", "reconstruct": False},
+    "oneshot_kd": {"recover": "kd", "steps": 1, "reconstruct": False},
+    "oneshot_recon_kd": {"recover": "kd", "steps": 1, "reconstruct": True},  # prune --recover kd's defaults
+    "progressive_kd": {"recover": "kd", "steps": 3, "reconstruct": False},
     "progressive_recon_kd": {"recover": "kd", "steps": 3, "reconstruct": True},
 }
 
@@ -41,7 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/bench_recover", help="output folder (bench_recover.json and one folder per run)")
     p.add_argument("--imgsz", type=int, default=320)
     p.add_argument("--ratio", type=float, default=0.3, help="channel ratio of the first variant; later ones match its GFLOPs")
-    p.add_argument("--minutes", type=float, default=10.0, help="recovery wall-clock budget of every variant")
+    p.add_argument("--minutes", type=float, default=10.0, help="distillation wall-clock budget of every variant (after "
+                                                               "the cut and any reconstruction)")
     p.add_argument("--recoveries", default=",".join(RECOVERIES))
     p.add_argument("--steps", type=int, default=3, help="steps of the progressive variants")
     p.add_argument("--step-epochs", type=int, default=1, help="distillation epochs of each progressive step (the final "
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copy(weights, local)
     result: dict = {"settings": vars(args), "runs": {}}
     json_path = out / "bench_recover.json"
-    train = {"batch": args.batch, "trainer": {"time": args.minutes / 60}, **({"lr0": args.lr0} if args.lr0 else {})}
+    train = {"batch": args.batch, "recover_minutes": args.minutes, **({"lr0": args.lr0} if args.lr0 else {})}
     target: dict = {"ratio": args.ratio}
 
     def run(name: str, method: str, options: dict) -> dict:
@@ -99,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         try:
             report = prune(str(local), folder, str(data_abs), imgsz=args.imgsz, latency=False, method=method,
-                           finetune_epochs=1000, **target, **train, **options)  # the time limit ends training
+                           **target, **train, **options)  # the time limit ends training
             entry = {"method": method, **options, "ap": {k: (v or {}).get("ap") for k, v in report["ap"].items()
                                                          if isinstance(v, dict)},
                      "ap_steps": report.get("ap", {}).get("steps"), "gflops": report["gflops"],
@@ -128,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     result["best_recovery"] = best
     if best:
         options = {k: v for k, v in result["runs"][best].items()
-                   if k in ("recover", "steps", "step_epochs", "reconstruct", "images")}
+                   if k in ("recover", "steps", "step_epochs", "reconstruct", "images", "kd_method")}
         for method in [m for m in args.methods.split(",") if m and m != args.method]:
             run(f"{best}_{method}", method, options)
         if args.label_free and options.get("recover") == "kd":
@@ -139,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
 
             # the recovery's own trainer settings (prune --recover kd applies them), so this checks the same protocol
             recipe = {**KD_RECOVERY_TRAIN_DEFAULTS, "nbs": args.batch, **({"lr0": args.lr0} if args.lr0 else {})}
-            rep = distill(str(local), str(local), str(data_abs), out / "self_distill", imgsz=args.imgsz, method="logit",
+            rep = distill(str(local), str(local), str(data_abs), out / "self_distill", imgsz=args.imgsz,
+                          method=options.get("kd_method", "block"),
                           epochs=1000, images=args.images, batch=args.batch, trainer={"time": args.minutes / 60},
                           label_free=options.get("label_free", False), freeze_bn=True, **recipe)
             before, after = rep["ap_before"]["ap"], rep["ap_after"]["ap"]

@@ -21,6 +21,7 @@ from yolocomp.commands.common import (
 from yolocomp.config import DistillConfig
 from yolocomp.config.options import settings
 from yolocomp.distill.base import TeacherDistiller
+from yolocomp.distill.block_kd import BlockKD
 from yolocomp.distill.fgd import FGD
 from yolocomp.distill.fgfi import FineGrainedImitation
 from yolocomp.distill.frozen_bn import FrozenBatchNorm
@@ -29,7 +30,7 @@ from yolocomp.errors import UserError
 from yolocomp.recipe import Recipe, stage_config
 
 #: method name (yolocomp.config.DISTILL_METHODS) -> class; ``none`` fine-tunes without distillation: the baseline
-METHODS: dict[str, type[TeacherDistiller] | None] = {"fgd": FGD, "fgfi": FineGrainedImitation, "logit": HeadKD, "none": None}
+METHODS: dict[str, type[TeacherDistiller] | None] = {"block": BlockKD, "fgd": FGD, "fgfi": FineGrainedImitation, "logit": HeadKD, "none": None}
 
 
 def make_method(

@@ -19,6 +19,9 @@ from yolocomp.errors import UserError
 from yolocomp.prune.pruner import count_params, gflops, prune_model
 from yolocomp.recipe import Recipe, stage_config
 
+#: epochs of a recovery bounded only by --recover-minutes (Ultralytics re-plans epochs to fit its time limit)
+UNTIL_TIME_LIMIT = 10000
+
 
 def export_onnx(model: nn.Module, imgsz: int, workdir: Path) -> str:
     """Ultralytics ONNX export (static batch 1, not simplified) of an in-memory model; returns the .onnx path."""
@@ -64,6 +67,8 @@ def prune(
     cfg = config or stage_config("prune", options)
     method, target = cfg.method, cfg.target()
     sparsity_epochs, finetune_epochs, batch = cfg.sparsity_epochs, cfg.finetune_epochs, cfg.batch
+    if cfg.recover_minutes and not finetune_epochs:
+        finetune_epochs = UNTIL_TIME_LIMIT
     ignore = tuple(cfg.ignore)
     notes: list[str] = []
     if method == "cap" and sparsity_epochs < 1:
@@ -118,7 +123,7 @@ def prune(
                                       max_layer_ratio=cfg.max_layer_ratio)
     pruned_path = save_model(pruned, out / "pruned.pt", extra={"prune": {k: summary[k] for k in ("method", "target", "achieved")}})
     ap["pruned"] = _evaluate(pruned, eval_data, imgsz, device, batch)
-    if cfg.reconstruct:  # the warm start of the recovery: pruned.pt above stays the model right after the cut
+    if cfg.reconstruct_first():  # the warm start of the recovery: pruned.pt above stays the model right after the cut
         channel_map = steps[-1]["kept_channels"] if steps else summary.get("kept_channels")
         started = time.perf_counter()
         recovery["reconstruction"] = _reconstruct(pruned, original, cfg, channel_map, data_abs, imgsz)
@@ -130,7 +135,10 @@ def prune(
     models = {"before": (original, None), "pruned": (pruned, pruned_path)}
     if finetune_epochs:
         started = time.perf_counter()
-        finetuned = _recover(pruned, original, cfg, data_abs, out, train_args, recovery, work)
+        channel_map = steps[-1]["kept_channels"] if steps else summary.get("kept_channels")
+        recover_args = {**train_args, "epochs": finetune_epochs,
+                        **({"time": cfg.recover_minutes / 60} if cfg.recover_minutes else {})}
+        finetuned = _recover(pruned, original, cfg, data_abs, out, recover_args, recovery, work, channel_map)
         recovery["seconds"] = round(time.perf_counter() - started, 1)
         ft_path = save_model(finetuned, out / "finetuned.pt", extra={"prune": {"finetune_epochs": finetune_epochs,
                                                                               "recover": cfg.recover}})
@@ -189,14 +197,13 @@ def _progressive(model: nn.Module, teacher: nn.Module, cfg: PruneConfig, target:
     from yolocomp.prune import progressive_prune
 
     frozen = deepcopy(teacher).float().eval()
-    weights = {"temperature": cfg.temperature} if cfg.kd_method == "logit" else {}
     record: dict = {}
     images, overrides = kd_training_data(cfg, data, frozen, work, train_args["imgsz"], train_args["device"], record)
     args = {**KD_RECOVERY_TRAIN_DEFAULTS, "nbs": cfg.batch, **train_args, **overrides}
     args.pop("time", None)  # the ramp is planned in epochs; a time limit would cut it short
     pruned, history = progressive_prune(
         model, data_yaml=images, **target, method=cfg.method, steps=cfg.steps, epochs_per_step=cfg.step_epochs,
-        teacher_methods=lambda step: [make_method(cfg.kd_method, frozen, loss_weights=weights),
+        teacher_methods=lambda step, kept: [make_method(cfg.kd_method, frozen, loss_weights=kd_weights(cfg, kept)),
                                       *([FrozenBatchNorm()] if cfg.freeze_bn else [])], train_args=args,
         evaluate=evaluate, project=out, name="progressive", imgsz=train_args["imgsz"], min_channels=cfg.min_channels,
         round_to=cfg.round_to, ignore=tuple(cfg.ignore), max_layer_ratio=cfg.max_layer_ratio)
@@ -238,30 +245,37 @@ def _reconstruct(pruned: nn.Module, teacher: nn.Module, cfg: PruneConfig, channe
     images = torch.cat([torch.from_numpy(b.array) for b in batches(chosen, imgsz, 8)])
     split = len(images) - max(1, len(images) // 4)  # a quarter held out: a block whose error grows there is reverted
     report = reconstruct(pruned, deepcopy(teacher).float().eval(), images[:split], held_out=images[split:],
-                         channel_map=channel_map)
+                         channel_map=channel_map, iters=cfg.recon_iters, progress=True)
     return {k: report[k] for k in ("head_error", "images", "seconds") if k in report}
 
 
+def kd_weights(cfg: PruneConfig, channel_map: dict | None) -> dict:
+    """Settings of the recovery's distillation method: the temperature of the head terms, the kept channels of the
+    block-output terms."""
+    if cfg.kd_method == "block":
+        return {"temperature": cfg.temperature, "channel_map": channel_map, "feature_weight": cfg.feature_weight}
+    return {"temperature": cfg.temperature} if cfg.kd_method == "logit" else {}
+
+
 def _recover(pruned: nn.Module, teacher: nn.Module, cfg: PruneConfig, data: str | None, out: Path,
-             train_args: dict, record: dict, work: Path) -> nn.Module:
+             train_args: dict, record: dict, work: Path, channel_map: dict | None = None) -> nn.Module:
     """Bring the cut model's AP back: a label fine-tune, or distillation from the uncompressed model (``kd``) on the
     labelled data and/or unlabelled images."""
     from yolocomp.integration import train
 
     if cfg.recover == "labels":
-        record.update(method="labels", epochs=cfg.finetune_epochs)
-        return train(pruned, data, [], project=out, name="finetune", epochs=cfg.finetune_epochs, **train_args).model
+        record.update(method="labels", epochs=train_args["epochs"])
+        return train(pruned, data, [], project=out, name="finetune", **train_args).model
     from yolocomp.commands.distill import make_method
 
     frozen = deepcopy(teacher).float().eval()
-    weights = {"temperature": cfg.temperature} if cfg.kd_method == "logit" else {}
-    kd = make_method(cfg.kd_method, frozen, loss_weights=weights)
+    kd = make_method(cfg.kd_method, frozen, loss_weights=kd_weights(cfg, channel_map))
     images, overrides = kd_training_data(cfg, data, frozen, work, train_args["imgsz"], train_args["device"], record)
     args = {**KD_RECOVERY_TRAIN_DEFAULTS, "nbs": cfg.batch, **train_args, **overrides}
-    record.update(method=f"kd ({cfg.kd_method})", epochs=cfg.finetune_epochs, teacher="the uncompressed input model",
+    record.update(method=f"kd ({cfg.kd_method})", epochs=args["epochs"], teacher="the uncompressed input model",
                   train_settings={k: args[k] for k in ("optimizer", "lr0", "warmup_epochs", "nbs")})
     methods = [kd, *([FrozenBatchNorm()] if cfg.freeze_bn else [])]
-    return train(pruned, images, methods, project=out, name="recover", epochs=cfg.finetune_epochs, **args).model
+    return train(pruned, images, methods, project=out, name="recover", **args).model
 
 
 def write_report(out: Path, report: dict) -> None:

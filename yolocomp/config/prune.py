@@ -10,11 +10,12 @@ from yolocomp.config.train import TrainingOptions
 PRUNE_METHODS = ("bn", "cap", "l1", "random")
 #: labels: fine-tune on the data's labels; kd: distil from the uncompressed input model (labels optional)
 RECOVERY = ("labels", "kd")
-KD_METHODS = ("logit", "fgd", "fgfi")
+KD_METHODS = ("block", "logit", "fgd", "fgfi")
 #: Trainer settings of ``recover: kd`` unless given: a few hundred images at Ultralytics' default lr (AdamW ~1e-3 for
-#: short runs) take even the unpruned model far from its AP in one epoch, so the distillation steps gently, once per
-#: batch, without warm-up (measurements in tools/README.md).
-KD_RECOVERY_TRAIN_DEFAULTS = {"optimizer": "AdamW", "lr0": 1e-4, "warmup_epochs": 0}
+#: short runs) take even the unpruned model far from its AP in one epoch, and Adam's first steps move every weight by
+#: about lr whatever its gradient, so the distillation warms up from lr 0 (bias lr included) and steps once per batch
+#: (measurements in tools/README.md).
+KD_RECOVERY_TRAIN_DEFAULTS = {"optimizer": "AdamW", "lr0": 3e-4, "warmup_epochs": 1, "warmup_bias_lr": 0.0}
 ATTENTIONS = ("eca", "se")
 SPARSITY_SCHEDULES = ("constant", "linear_decay")
 
@@ -31,6 +32,9 @@ class PruneConfig(TrainingOptions):
                                   hint="use 0 to skip sparsity training", check=non_negative)
     finetune_epochs: int = option(0, "fine-tune epochs after pruning (0 = skip)", hint="use 0 to skip fine-tuning",
                                   check=non_negative)
+    recover_minutes: float | None = option(None, "wall-clock limit of the recovery training in minutes (epochs then "
+                                           "only bound it; without --finetune-epochs it trains until the limit)",
+                                           hint="use a number of minutes such as 60", check=positive)
     s: float = option(1e-4, "L1 sparsity strength on BN γ", hint="use a sparsity strength such as 1e-4", check=positive)
     s_schedule: str = option("constant", "sparsity strength over the epochs", hint="use constant or linear_decay",
                              choices=SPARSITY_SCHEDULES)
@@ -51,17 +55,23 @@ class PruneConfig(TrainingOptions):
                               hint="use true with images")
     freeze_bn: bool = option(True, "--recover kd keeps BatchNorm in eval mode: the converged model's running statistics, "
                              "not those of each augmented batch", hint="use true or false")
-    kd_method: str = option("logit", "distillation used by --recover kd", hint="use logit, fgd or fgfi", choices=KD_METHODS)
+    kd_method: str = option("block", "distillation used by --recover kd: block (every layer's kept channels + head "
+                            "outputs), logit (head outputs), fgd or fgfi", hint="use block, logit, fgd or fgfi",
+                            choices=KD_METHODS)
+    feature_weight: float = option(30.0, "weight of the block-output term of --kd-method block",
+                                   hint="use a weight such as 30", check=positive)
     temperature: float = option(2.0, "head-output KD temperature", hint="use a temperature such as 2", check=positive)
     pseudo_conf: float | None = option(None, "teacher detections above this confidence become labels of the unlabelled "
                                        "images (unset: no pseudo-labels)", hint="use a confidence such as 0.5",
                                        check=valid_ratio)
     step_epochs: int = option(1, "distillation epochs of each progressive step (the channels ramp to zero in its first "
                               "half)", hint="use a number of epochs such as 1", check=at_least(1))
-    recon_images: int = option(64, "images the block reconstruction fits on (a quarter held out)",
-                               hint="use a number of images such as 64", check=at_least(4))
-    reconstruct: bool = option(False, "fit each pruned block to the teacher's block output before recovery",
-                               hint="use true or false")
+    recon_images: int = option(384, "images the block reconstruction fits on (a quarter held out)",
+                               hint="use a number of images such as 384", check=at_least(4))
+    recon_iters: int = option(1000, "reconstruction iterations per block", hint="use a number such as 1000",
+                              check=positive)
+    reconstruct: bool | None = option(None, "fit each pruned block to the teacher's block output before recovery "
+                                      "(unset: on with --recover kd)", hint="use true or false")
 
     @classmethod
     def problems(cls, values: dict) -> list[str]:
@@ -73,6 +83,10 @@ class PruneConfig(TrainingOptions):
         if values.get("label_free") and not values.get("images"):
             found.append("label_free needs images (the unlabelled images to train on)")
         return found
+
+    def reconstruct_first(self) -> bool:
+        """Whether the cut model is reconstructed before recovery: as set, else with ``recover: kd``."""
+        return self.reconstruct if self.reconstruct is not None else self.recover == "kd"
 
     def target(self) -> dict:
         """The pruning target as prune_model takes it: a FLOPs reduction when set, else the channel ratio."""

@@ -146,7 +146,7 @@ def progressive_prune(
     ramp_fraction: float = 0.5,
     shape: str = "cosine",
     spacing: str = "geometric",
-    teacher_methods: Callable[[int], Sequence[Method]] | None = None,
+    teacher_methods: Callable[[int, dict[int, list[int]]], Sequence[Method]] | None = None,
     train_args: dict | None = None,
     evaluate: Callable[[nn.Module], dict | None] | None = None,
     project: str | Path = "runs/progressive",
@@ -161,7 +161,8 @@ def progressive_prune(
     """Prune ``model`` to ``ratio`` (share of prunable channels) or ``flops_reduction`` in ``steps`` training runs.
 
     Step ``s`` trains ``epochs_per_step`` epochs on ``data_yaml`` with :class:`ProgressivePruning` and the methods
-    ``teacher_methods(s)`` returns (e.g. KD from the uncompressed model), with ``train_args`` passed to Ultralytics
+    ``teacher_methods(s, kept)`` returns (e.g. KD from the uncompressed model; ``kept``: the channel map of the
+    model the step starts from), with ``train_args`` passed to Ultralytics
     (``imgsz`` added unless given there, ``epochs`` set); it continues from the run's last checkpoint (not the best: the best is usually before the
     ramp), removes the zeroed channels and calls ``evaluate(model)``. ``model`` itself is not modified. Returns the plain pruned model and the history:
     one row per step (step 0 is the input) with ``step``, ``ratio`` and ``flops_reduction`` reached (analytic, vs the
@@ -202,7 +203,7 @@ def progressive_prune(
                                      min_channels=min_channels, round_to=round_to, ignore=ignore, imgsz=imgsz,
                                      seed=seed + step, max_layer_ratio=max_layer_ratio, shape=shape,
                                      ramp_iters=ramp_iters, ramp_fraction=ramp_fraction)
-        methods = [pruning, *(teacher_methods(step) if teacher_methods is not None else ())]
+        methods = [pruning, *(teacher_methods(step, dict(kept)) if teacher_methods is not None else ())]
         args = {"imgsz": imgsz, **(train_args or {}), "epochs": epochs_per_step}
         result = train(model, str(data_yaml), methods, project, f"{name}-step{step}", **args)
         trained, _ = load_checkpoint(result.last)
