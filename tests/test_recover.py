@@ -79,7 +79,8 @@ def test_progressive_recovery_reports_every_step(tmp_path, tiny_detector, synthe
     out = tmp_path / "o"
     code = main(["prune", "--model", str(tiny_detector["pt"]), "--data", str(synthetic_data), "--method", "l1",
                  "--ratio", "0.3", "--recover", "kd", "--steps", "2", "--step-epochs", "1", "--finetune-epochs", "1",
-                 "--reconstruct", "--recon-images", "8", "--batch", "8", "--imgsz", "64", "--out", str(out)])
+                 "--reconstruct", "--recon-images", "8", "--recon-iters", "10", "--batch", "8", "--imgsz", "64",
+                 "--out", str(out)])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     assert [s["step"] for s in report["ap"]["steps"]] == [0, 1, 2]
@@ -88,6 +89,9 @@ def test_progressive_recovery_reports_every_step(tmp_path, tiny_detector, synthe
     assert all(0 <= s["ap"] <= 1 for s in report["ap"]["steps"])  # AP fraction after every step
     assert report["recovery"]["reconstruction"]["images"] and report["recovery"]["progressive_seconds"] > 0
     assert 0 <= report["ap"]["reconstructed"]["ap"] <= 1
+    curve = report["ap_vs_gflops"]  # the plotted path: input, each step, then reconstruction and recovery
+    assert [c["stage"] for c in curve] == ["before", "step 1", "step 2", "reconstructed", "finetuned"]
+    assert [c["gflops"] for c in curve[:3]] == gflops and (out / "ap_vs_gflops.png").stat().st_size > 0
     pruned = YOLO(str(out / "pruned.pt")).model
     assert count_params(pruned) == report["params"]["after"]
     assert not any("ramp" in k or "gate" in k for k in pruned.state_dict())

@@ -118,3 +118,28 @@ def pareto_plot(rows: Sequence[dict], path: str | Path, title: str = "AP vs cost
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def path_plot(points: Sequence[tuple[str, float, float]], path: str | Path, xlabel: str, title: str) -> Path:
+    """The (label, x, AP %) points in order, joined by a line and labelled: how AP moves along a compression run
+    (e.g. GFLOPs of every progressive step, then reconstruction and recovery at the final size)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    xs, ys = [p[1] for p in points], [p[2] for p in points]
+    ax.plot(xs, ys, "-o", color="tab:blue")
+    for k, (label, x, y) in enumerate(points):
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 6 if k % 2 == 0 else -12), fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("AP50-95 (%)")
+    ax.invert_xaxis()  # compression goes left to right
+    ax.grid(alpha=0.3)
+    ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -164,6 +164,7 @@ def prune(
         for r in rows:
             r["speedup"] = round(rows[0]["latency_ms_p50"] / r["latency_ms_p50"], 3)
 
+    curve = ap_vs_gflops(ap, steps, summary["gflops"])
     report = {
         "source": source,
         "method": method,
@@ -176,6 +177,7 @@ def prune(
         "stage_pruned_share": summary["stage_pruned_share"],
         "ap": ap,
         "recovery": recovery,
+        "ap_vs_gflops": [{"stage": label, "gflops": g, "ap": a} for label, g, a in curve],
         "models": rows,
         "layers": summary["layers"],
         "gamma_history": history,
@@ -185,8 +187,22 @@ def prune(
                      "sparsity_epochs": sparsity_epochs, **summary["settings"]},
         "seconds": round(time.perf_counter() - t0, 1),
     }
+    if len(curve) > 1:
+        from yolocomp.report import path_plot
+
+        report["files"]["plot"] = str(path_plot([(label, g, 100 * a) for label, g, a in curve], out / "ap_vs_gflops.png",
+                                                f"GFLOPs at {imgsz} px", f"yolocomp prune ({method})"))
     write_report(out, report)
     return report
+
+
+def ap_vs_gflops(ap: dict, steps: list[dict] | None, gflops_: dict) -> list[tuple[str, float, float]]:
+    """(stage, GFLOPs, AP fraction) along the run: the input, every progressive step, then the final size's stages."""
+    points = [("before", gflops_["before"], (ap.get("before") or {}).get("ap"))]
+    points += [(f"step {r['step']}", r["gflops"], r["ap"]) for r in (steps or [])[1:]]
+    points += [(stage, gflops_["after"], (ap.get(stage) or {}).get("ap")) for stage in ("pruned", "reconstructed", "finetuned")
+               if stage in ap and not (steps and stage == "pruned")]  # after steps, "pruned" is the last step
+    return [(label, float(g), float(a)) for label, g, a in points if a is not None and g is not None]
 
 
 def _progressive(model: nn.Module, teacher: nn.Module, cfg: PruneConfig, target: dict, data: str | None, out: Path,
