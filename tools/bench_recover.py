@@ -7,7 +7,7 @@ for the same wall-clock budget (``--minutes``, Ultralytics' ``time`` limit; prog
 steps). AP with pycocotools on coco-real val (yolocomp.eval); the AP-vs-minutes curve of every recovery comes from its
 per-epoch Ultralytics validation on the same images. One JSON file, rewritten after every variant.
 
-    python tools/bench_recover.py --out runs/bench_recover --imgsz 320 --minutes 10
+    python tools/bench_recover.py --out runs/bench_recover --imgsz 320 --flops-reduction 0.36 --minutes 10
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/bench_recover", help="output folder (bench_recover.json and one folder per run)")
     p.add_argument("--imgsz", type=int, default=320)
     p.add_argument("--ratio", type=float, default=0.3, help="channel ratio of the first variant; later ones match its GFLOPs")
+    p.add_argument("--flops-reduction", type=float, default=None,
+                   help="cut every variant to this share of GFLOPs instead (e.g. 0.36; replaces --ratio)")
     p.add_argument("--minutes", type=float, default=10.0, help="distillation wall-clock budget of every variant (after "
                                                                "the cut and any reconstruction)")
     p.add_argument("--recoveries", default=",".join(RECOVERIES))
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"settings": vars(args), "runs": {}}
     json_path = out / "bench_recover.json"
     train = {"batch": args.batch, "recover_minutes": args.minutes, **({"lr0": args.lr0} if args.lr0 else {})}
-    target: dict = {"ratio": args.ratio}
+    target: dict = {"flops_reduction": args.flops_reduction} if args.flops_reduction else {"ratio": args.ratio}
 
     def run(name: str, method: str, options: dict) -> dict:
         folder = out / name
@@ -123,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         if options["recover"] == "kd":
             options["images"] = args.images
         entry = run(name, args.method, options)
-        if i == 0 and "gflops" in entry:  # every later run is cut to the GFLOPs this one reached
+        if i == 0 and "gflops" in entry and not args.flops_reduction:  # every later run is cut to the GFLOPs this one reached
             before, after = entry["gflops"]["before"], entry["gflops"]["after"]
             target = {"flops_reduction": round(1 - after / before, 4)}
     finished = {n: r for n, r in result["runs"].items() if r.get("ap", {}).get("finetuned") is not None}
