@@ -123,8 +123,8 @@ def prune(
                                       max_layer_ratio=cfg.max_layer_ratio)
     pruned_path = save_model(pruned, out / "pruned.pt", extra={"prune": {k: summary[k] for k in ("method", "target", "achieved")}})
     ap["pruned"] = _evaluate(pruned, eval_data, imgsz, device, batch)
+    channel_map = steps[-1]["kept_channels"] if steps else summary.get("kept_channels")  # vs the input model
     if cfg.reconstruct_first():  # the warm start of the recovery: pruned.pt above stays the model right after the cut
-        channel_map = steps[-1]["kept_channels"] if steps else summary.get("kept_channels")
         started = time.perf_counter()
         recovery["reconstruction"] = _reconstruct(pruned, original, cfg, channel_map, data_abs, imgsz)
         recovery["reconstruction_seconds"] = round(time.perf_counter() - started, 1)
@@ -135,7 +135,6 @@ def prune(
     models = {"before": (original, None), "pruned": (pruned, pruned_path)}
     if finetune_epochs:
         started = time.perf_counter()
-        channel_map = steps[-1]["kept_channels"] if steps else summary.get("kept_channels")
         recover_args = {**train_args, "epochs": finetune_epochs,
                         **({"time": cfg.recover_minutes / 60} if cfg.recover_minutes else {})}
         finetuned = _recover(pruned, original, cfg, data_abs, out, recover_args, recovery, work, channel_map)

@@ -23,6 +23,8 @@ from torch import nn
 from yolocomp.distill.head_kd import HeadKD
 from yolocomp.errors import UserError
 
+#: weight of the block-output term: at 30 it also lowers the head losses faster than at 1 (tools/README.md)
+FEATURE_WEIGHT = 30.0
 #: the conv whose output is the block's output, per block type (a plain Conv layer is its own output conv)
 OUTPUT_CONV = {"C2f": "cv2", "C3k2": "cv2", "C2PSA": "cv2", "SPPF": "cv2", "SPP": "cv2", "C3": "cv3", "C3k": "cv3"}
 
@@ -52,11 +54,11 @@ class BlockKD(HeadKD):
     uses_features = True
 
     def __init__(self, teacher: str | Path | nn.Module, temperature: float = 2.0, cls_weight: float = 1.0,
-                 dfl_weight: float = 1.0, confidence_weighting: bool = True, feature_weight: float = 1.0,
+                 dfl_weight: float = 1.0, confidence_weighting: bool = True, feature_weight: float = FEATURE_WEIGHT,
                  channel_map: Mapping[int, Sequence[int]] | None = None, layers: list[int] | None = None):
         super().__init__(teacher, temperature, cls_weight, dfl_weight, confidence_weighting)
         if feature_weight < 0:
-            raise UserError(f"block KD feature_weight={feature_weight} must be >= 0; use e.g. 1")
+            raise UserError(f"block KD feature_weight={feature_weight} must be >= 0; use e.g. {FEATURE_WEIGHT:g}")
         self.feature_weight = float(feature_weight)
         self.channel_map = {int(k): [int(c) for c in v] for k, v in (channel_map or {}).items()}
         self.layers = [int(i) for i in layers] if layers else None
@@ -109,9 +111,8 @@ class BlockKD(HeadKD):
     def losses(self, s_feats: list[torch.Tensor], t_feats: list[torch.Tensor], preds: Any, teacher_out: Any,
                batch: dict) -> dict[str, torch.Tensor]:
         out = super().losses(s_feats, t_feats, preds, teacher_out, batch)
-        s_layers, _ = self.resolve_layers(self.teacher, self.teacher)
         errors = []
-        for layer, s, t in zip(s_layers, s_feats, t_feats):
+        for layer, s, t in zip(self.student_tap.layers, s_feats, t_feats):
             kept = self._kept(layer, t.device)
             t = (t if kept is None else t.index_select(1, kept)).float()
             ramped = self._ramped.get(layer)
