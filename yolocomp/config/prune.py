@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 from yolocomp.config.options import at_least, non_negative, option, positive, valid_ratio
 from yolocomp.config.train import TrainingOptions
-from yolocomp.distill.block_kd import FEATURE_WEIGHT
 
 PRUNE_METHODS = ("bn", "cap", "l1", "random")
 #: labels: fine-tune on the data's labels; kd: distil from the uncompressed input model (labels optional)
@@ -59,7 +58,7 @@ class PruneConfig(TrainingOptions):
     kd_method: str = option("block", "distillation used by --recover kd: block (every layer's kept channels + head "
                             "outputs), logit (head outputs), fgd or fgfi", hint="use block, logit, fgd or fgfi",
                             choices=KD_METHODS)
-    feature_weight: float = option(FEATURE_WEIGHT, "weight of the block-output term of --kd-method block",
+    feature_weight: float = option(30.0, "weight of the block-output term of --kd-method block (BlockKD's default)",
                                    hint="use a weight such as 30", check=positive)
     temperature: float = option(2.0, "head-output KD temperature", hint="use a temperature such as 2", check=positive)
     pseudo_conf: float | None = option(None, "teacher detections above this confidence become labels of the unlabelled "
