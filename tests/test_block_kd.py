@@ -48,6 +48,43 @@ def test_identical_student_has_zero_block_loss_and_a_pruned_one_does_not():
     assert torch.allclose(x, t[:, channel_map[first]], atol=1e-5)
 
 
+def test_identical_student_gets_exactly_zero_gradients():
+    # Adam turns any residue (~1e-10) into lr-sized steps: a model distilled into itself must not move at all
+    teacher = randomized()
+    student = randomized()
+    losses = _losses(BlockKD(teacher), student, torch.rand(2, 3, 64, 64))
+    sum(losses.values()).backward()
+    grads = [p.grad for p in student.parameters() if p.grad is not None]
+    assert grads and all(torch.count_nonzero(g) == 0 for g in grads)
+
+
+def test_head_kd_gradient_is_the_analytic_kl_gradient():
+    import torch.nn.functional as F
+
+    from yolocomp.distill.head_kd import anchor_weights, head_kd_terms
+
+    torch.manual_seed(0)
+    b, nc, anchors, reg_max, T = 2, 5, 7, 16, 2.0
+    s_cls = torch.randn(b, nc, anchors, requires_grad=True)
+    s_box = torch.randn(b, 4 * reg_max, anchors, requires_grad=True)
+    t_cls, t_box = torch.randn(b, nc, anchors), torch.randn(b, 4 * reg_max, anchors)
+    terms = head_kd_terms({"scores": s_cls, "boxes": s_box}, {"scores": t_cls, "boxes": t_box}, reg_max, T)
+    fast = torch.autograd.grad(terms["cls"] + terms["dfl"], [s_cls, s_box])
+    # the same KL, differentiated by autograd
+    w, p_t = anchor_weights(t_cls), (t_cls / T).sigmoid()
+    cls_kl = F.binary_cross_entropy_with_logits(s_cls / T, p_t, reduction="none") - F.binary_cross_entropy_with_logits(
+        t_cls / T, p_t, reduction="none")
+    log_s = (s_box.view(b, 4, reg_max, anchors) / T).log_softmax(2)
+    log_t = (t_box.view(b, 4, reg_max, anchors) / T).log_softmax(2)
+    cls_ref = (cls_kl.sum(1) * w).sum() * T * T
+    dfl_ref = ((log_t.exp() * (log_t - log_s)).sum((1, 2)) * w).sum() * T * T
+    slow = torch.autograd.grad(cls_ref + dfl_ref, [s_cls, s_box])
+    assert terms["cls"].item() == pytest.approx(cls_ref.item(), rel=1e-5)
+    assert terms["dfl"].item() == pytest.approx(dfl_ref.item(), rel=1e-5)
+    for a, r in zip(fast, slow):
+        assert torch.allclose(a, r, atol=1e-6, rtol=1e-4) and r.abs().max() > 1e-3
+
+
 def test_gradient_of_block_loss_reaches_the_student_only():
     teacher = randomized()
     pruned, summary = prune_model(teacher, ratio=0.3, method="bn", imgsz=64)

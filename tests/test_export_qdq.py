@@ -177,11 +177,11 @@ def test_ptq_api_writes_onnx_and_report(synthetic_data, tmp_path):
     from yolocomp.errors import UserError
 
     model = lively_detector()
-    report = ptq(model, synthetic_data, tmp_path, calibrator="entropy", calib_images=8, imgsz=IMGSZ, sensitivity=True,
+    report = ptq(model, synthetic_data, tmp_path, calibrator="mse", calib_images=8, imgsz=IMGSZ, sensitivity=True,
                  sensitivity_images=2, ort=True)
     assert (tmp_path / "model_int8.onnx").exists()
     saved = json.loads((tmp_path / "report.json").read_text())
-    assert saved["calibrator"] == "entropy" and saved["calibration_images"] == 8
+    assert saved["calibrator"] == "mse" and saved["calibration_images"] == 8
     assert saved["ap_onnx"]["backend"] == "onnxruntime" and saved["lint"] == []
     rows = [r for r in report["sensitivity"] if r["layer"] != "<all>"]
     assert len(rows) == 63 and rows[0]["output_error"] >= rows[-1]["output_error"] > 0

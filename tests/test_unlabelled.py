@@ -214,7 +214,7 @@ def test_distilling_a_model_into_itself_costs_nothing_without_labels(setup, make
         method.setup(other, "cpu")
         different = sum(v.item() for v in method.extra_loss(None, batch, other(batch["img"])).values())
     same = sum(abs(v.item()) for v in losses.values())
-    # the teacher runs fused (BN folded), the student not: equal up to float rounding
+    # teacher and student run the same ops (the teacher is not BN-folded); FGD / FGFI adapters start near identity
     assert losses and same < 1e-4 and same < 1e-3 * different, (losses, different)
 
 
@@ -237,6 +237,27 @@ def test_label_free_training_has_no_detection_loss_and_keeps_the_last_weights(se
     last, _ = load_checkpoint(result.last)
     trained = result.model.state_dict()
     assert all(torch.equal(v, trained[k]) for k, v in last.state_dict().items()), "the last epoch's weights"
+
+
+def test_label_free_self_distillation_with_the_recovery_settings_never_moves_the_model(setup, tmp_path):
+    # the sanity check of a recovery recipe (nbs = batch, as prune passes it): a student equal to its teacher gets
+    # exactly zero losses and gradients, and with no weight decay nothing else moves it (with decay 5e-4 it moves)
+    from yolocomp.config.prune import KD_RECOVERY_TRAIN_DEFAULTS
+    from yolocomp.distill.block_kd import BlockKD
+    from yolocomp.distill.frozen_bn import FrozenBatchNorm
+    from yolocomp.integration import load_model, train
+
+    td = training_data(setup["photos"], None, tmp_path / "work", teacher=setup["teacher_pt"])
+    student = load_model(setup["teacher_pt"])
+    result = train(student, str(td.yaml), [BlockKD(setup["teacher_pt"]), FrozenBatchNorm()], project=tmp_path,
+                   name="self", epochs=2, imgsz=IMGSZ, batch=4,
+                   **{**label_free_overrides(), **KD_RECOVERY_TRAIN_DEFAULTS, "warmup_epochs": 0, "nbs": 4})
+    with open(result.save_dir / "results.csv") as f:
+        rows = [{k.strip(): float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    assert len(rows) == 2
+    assert all(row[f"train/{c}"] == 0 for row in rows for c in ("kdcls_loss", "kddfl_loss", "kdfeat_loss")), rows
+    teacher = load_model(setup["teacher_pt"]).state_dict()
+    assert all(torch.equal(v, teacher[k]) for k, v in result.model.state_dict().items() if k in teacher)
 
 
 def test_labelled_and_unlabelled_images_train_together(setup, tmp_path):

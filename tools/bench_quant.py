@@ -73,7 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", default="runs/bench_quant")
     ap.add_argument("--imgsz", type=int, default=320)
     ap.add_argument("--rows", default=",".join(GROUPS), help=f"groups to run, from {', '.join(GROUPS)}")
-    ap.add_argument("--calibrators", default="minmax,percentile,entropy,mse")
+    ap.add_argument("--calibrators", default="minmax,percentile,mse")
     ap.add_argument("--calib-images", type=int, default=256, help="calibration / reconstruction images")
     ap.add_argument("--calib-counts", default="64,128", help="also run the default PTQ with these calibration image counts")
     ap.add_argument("--calib-source", default="train", choices=("train", "unlabeled"),

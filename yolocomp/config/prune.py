@@ -13,9 +13,11 @@ RECOVERY = ("labels", "kd")
 KD_METHODS = ("block", "logit", "fgd", "fgfi")
 #: Trainer settings of ``recover: kd`` unless given: a few hundred images at Ultralytics' default lr (AdamW ~1e-3 for
 #: short runs) take even the unpruned model far from its AP in one epoch, and Adam's first steps move every weight by
-#: about lr whatever its gradient, so the distillation warms up from lr 0 (bias lr included) and steps once per batch
-#: (measurements in tools/README.md).
-KD_RECOVERY_TRAIN_DEFAULTS = {"optimizer": "AdamW", "lr0": 3e-4, "warmup_epochs": 1, "warmup_bias_lr": 0.0}
+#: about lr whatever its gradient, so the distillation warms up from lr 0 (bias lr included) and steps once per batch.
+#: No weight decay: the target is the teacher, and at the teacher decay is the only force left, whose tiny restoring
+#: gradients Adam turns into lr-sized steps (measurements in tools/README.md).
+KD_RECOVERY_TRAIN_DEFAULTS = {"optimizer": "AdamW", "lr0": 3e-4, "warmup_epochs": 1, "warmup_bias_lr": 0.0,
+                              "weight_decay": 0.0}
 ATTENTIONS = ("eca", "se")
 SPARSITY_SCHEDULES = ("constant", "linear_decay")
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from yolocomp.config.options import at_least, non_negative, option, positive, valid_bits, valid_ratio
-from yolocomp.config.ptq import CALIBRATORS
+from yolocomp.config.ptq import CALIBRATORS, known_calibrator
 from yolocomp.config.train import TrainingOptions
 
 QAT_TRAIN_DEFAULTS: dict[str, Any] = {"optimizer": "SGD", "lr0": 1e-4, "warmup_epochs": 0}
@@ -58,7 +58,7 @@ class QatConfig(TrainingOptions):
                                        "images (unset: no pseudo-labels)", hint="use a confidence such as 0.5",
                                        check=valid_ratio)
     calibrator: str = option("percentile", "range calibration before training", choices=CALIBRATORS,
-                             hint="use minmax, percentile, entropy or mse")
+                             check=known_calibrator, hint="use percentile (the default), mse or minmax")
     calib_images: int = option(128, "calibration images", hint="use a number of images such as 128", check=positive)
     reconstruct: bool | None = option(None, "start from block-reconstruction PTQ (AdaRound + LSQ against the float "
                                       "model) instead of plain calibration (unset: on below 8 bits)",

@@ -90,11 +90,10 @@ class TeacherDistiller(Method):
 
         source = self.teacher_source
         teacher = load_model(source) if isinstance(source, str) else deepcopy(load_model(source))
+        # Not BN-folded: an unfused teacher computes exactly what an identical student computes, so the losses and their
+        # gradients are exactly 0 there. Folded, float rounding leaves ~1e-8 gradients that Adam normalises into
+        # lr-sized random steps, and a model distilled into itself drifts (tools/README.md).
         teacher = teacher.float().eval()
-        try:  # folding BN makes the teacher forward cheaper; features are the same up to float rounding
-            teacher = teacher.fuse(verbose=False)
-        except Exception:  # noqa: S110 - an unfusable teacher (custom modules) simply runs unfused
-            pass
         for p in teacher.parameters():
             p.requires_grad_(False)
         return teacher

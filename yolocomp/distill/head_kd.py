@@ -12,7 +12,9 @@ For every anchor point a (student and teacher share strides and image size, henc
   ``confidence_weighting=False`` gives every anchor the same weight (a plain mean).
 
 Columns ``kdcls_loss = cls_weight * class KD`` and ``kddfl_loss = dfl_weight * DFL KD``; both are 0 when student
-and teacher outputs are equal.
+and teacher outputs are equal. Their gradients are the analytic ones (``p_s - p_t`` per logit, :func:`exact_gradient`),
+so they are exactly 0 there too: autograd through the log-sigmoid / log-softmax leaves ~1e-10 rounding residue, which
+Adam normalises into lr-sized steps that make a model distilled into itself drift away from its AP.
 """
 
 from __future__ import annotations
@@ -46,6 +48,12 @@ def anchor_weights(teacher_scores: torch.Tensor, confidence_weighting: bool = Tr
     return weight / weight.sum().clamp(min=1e-6)
 
 
+def exact_gradient(value: torch.Tensor, logits: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``value`` (a scalar) whose gradient with respect to ``logits`` is ``grad`` exactly (both computed by the caller)."""
+    surrogate = (grad.detach() * logits).sum()
+    return value.detach() + (surrogate - surrogate.detach())
+
+
 def head_kd_terms(student: dict, teacher: dict, reg_max: int, temperature: float, confidence_weighting: bool = True
                   ) -> dict[str, torch.Tensor]:
     s_cls, t_cls = student["scores"].float(), teacher["scores"].float()
@@ -55,20 +63,24 @@ def head_kd_terms(student: dict, teacher: dict, reg_max: int, temperature: float
     T = temperature
     weight = anchor_weights(t_cls, confidence_weighting)  # (B, A), sums to 1
     p_t = (t_cls / T).sigmoid()
-    cls_kl = F.binary_cross_entropy_with_logits(s_cls / T, p_t, reduction="none") - F.binary_cross_entropy_with_logits(
-        t_cls / T, p_t, reduction="none"
-    )  # binary KL(p_t || p_s) = cross-entropy - entropy
+    with torch.no_grad():
+        cls_kl = F.binary_cross_entropy_with_logits(s_cls / T, p_t, reduction="none") - F.binary_cross_entropy_with_logits(
+            t_cls / T, p_t, reduction="none"
+        )  # binary KL(p_t || p_s) = cross-entropy - entropy
+    # d/ds of T^2 * weight * KL(sigmoid(t/T) || sigmoid(s/T)) = T * weight * (sigmoid(s/T) - sigmoid(t/T))
+    cls = exact_gradient((cls_kl.sum(1) * weight).sum() * T * T, s_cls,
+                         ((s_cls / T).sigmoid() - p_t) * weight[:, None] * T)
     b, _, a = s_box.shape
     if reg_max <= 1:  # heads without DFL bins (e.g. YOLO26) regress the 4 distances directly
         box_l1 = (s_box - t_box).abs().sum(1)
-        return {"cls": (cls_kl.sum(1) * weight).sum() * T * T, "dfl": (box_l1 * weight).sum()}
-    log_s = (s_box.view(b, 4, reg_max, a) / T).log_softmax(2)
-    log_t = (t_box.view(b, 4, reg_max, a) / T).log_softmax(2)
-    dfl_kl = (log_t.exp() * (log_t - log_s)).sum((1, 2))  # (B, A)
-    return {
-        "cls": (cls_kl.sum(1) * weight).sum() * T * T,
-        "dfl": (dfl_kl * weight).sum() * T * T,
-    }
+        return {"cls": cls, "dfl": (box_l1 * weight).sum()}
+    s_bins, t_bins = s_box.view(b, 4, reg_max, a) / T, t_box.view(b, 4, reg_max, a) / T
+    with torch.no_grad():
+        log_s, log_t = s_bins.log_softmax(2), t_bins.log_softmax(2)
+        dfl_kl = (log_t.exp() * (log_t - log_s)).sum((1, 2))  # (B, A)
+    # d/ds of T^2 * weight * KL(softmax(t/T) || softmax(s/T)) = T * weight * (softmax(s/T) - softmax(t/T)) per bin
+    dfl_grad = (s_bins.softmax(2) - t_bins.softmax(2)) * weight[:, None, None] * T
+    return {"cls": cls, "dfl": exact_gradient((dfl_kl * weight).sum() * T * T, s_box, dfl_grad.view(b, 4 * reg_max, a))}
 
 
 class HeadKD(TeacherDistiller):

@@ -22,7 +22,7 @@ from yolocomp.errors import UserError
 from yolocomp.export.onnx_metadata import stamp
 from yolocomp.export.onnx_qdq import export_onnx, is_quantized
 
-_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy", "mse": "Distribution"}
+_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "mse": "Distribution"}
 
 
 class _Reader:

@@ -1,8 +1,7 @@
 """Range observers and calibrators.
 
 Activations: a histogram of ``|x|`` whose range doubles (merging bins) when a larger value arrives, so any number of
-batches fits in a fixed memory; the clipping threshold is then chosen by min-max, percentile, entropy (KL divergence,
-TensorRT's calibrator) or MSE. Weights: per-output-channel max-abs, or an MSE-optimal clip per channel (for 4 bits).
+batches fits in a fixed memory; the clipping threshold is then chosen by min-max, percentile or MSE. Weights: per-output-channel max-abs, or an MSE-optimal clip per channel (for 4 bits).
 """
 
 from __future__ import annotations
@@ -67,41 +66,7 @@ def choose_range(obs: HistogramObserver, method: str, levels: int = 127, percent
         cdf = np.cumsum(obs.hist) / obs.hist.sum()
         idx = int(np.searchsorted(cdf, percentile / 100.0))
         return float(min(obs.edges[min(idx + 1, obs.bins)], obs.max_value))
-    if method == "entropy":
-        return _kl_threshold(obs, levels)
     return _mse_threshold(obs, levels)
-
-
-def _kl_threshold(obs: HistogramObserver, levels: int) -> float:
-    """TensorRT's entropy calibration: the clip minimising KL(P || Q) between the clipped reference distribution P and
-    its ``levels``-bin quantized version Q."""
-    hist = obs.hist.copy()
-    hist[0] = 0.0  # exact zeros (padding, ReLU) dominate and say nothing about the range
-    nz = np.nonzero(hist)[0]
-    if nz.size == 0:
-        return obs.max_value
-    last = int(nz[-1]) + 1
-    best, best_i = math.inf, last
-    start = min(levels, last)
-    for i in range(start, last + 1, max(1, (last - start) // 256)):
-        p = hist[:i].copy()
-        p[i - 1] += hist[i:].sum()
-        # quantize the first i bins into `levels` groups, spreading each group's mass over its non-empty bins
-        ref = hist[:i]
-        group = (np.arange(i) * levels) // i
-        mass = np.bincount(group, weights=ref, minlength=levels)
-        filled = np.bincount(group, weights=(ref > 0).astype(np.float64), minlength=levels)
-        q = np.where(ref > 0, (mass / np.maximum(filled, 1))[group], 0.0)
-        ps, qs = p.sum(), q.sum()
-        if qs == 0:
-            continue
-        p, q = p / ps, q / qs
-        mask = p > 0
-        q_safe = np.where(q > 0, q, 1e-12)
-        kl = float(np.sum(p[mask] * np.log(p[mask] / q_safe[mask])))
-        if kl < best:
-            best, best_i = kl, i
-    return float(obs.edges[best_i])
 
 
 def _mse_threshold(obs: HistogramObserver, levels: int, candidates: int = 200) -> float:

@@ -102,7 +102,7 @@ class Quantizer(nn.Module):
         self.observer = HistogramObserver()
 
     def finish_observing(self, method: str = "percentile", **kwargs: float) -> None:
-        """Set the step size from the recorded statistics with ``method`` (minmax, percentile, entropy, mse, ema)."""
+        """Set the step size from the recorded statistics with ``method`` (minmax, percentile, mse, ema)."""
         self.observing = False
         obs = self.observer
         if obs is None or obs.count == 0:
