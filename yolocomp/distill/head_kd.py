@@ -77,9 +77,10 @@ def head_kd_terms(student: dict, teacher: dict, reg_max: int, temperature: float
     s_bins, t_bins = s_box.view(b, 4, reg_max, a) / T, t_box.view(b, 4, reg_max, a) / T
     with torch.no_grad():
         log_s, log_t = s_bins.log_softmax(2), t_bins.log_softmax(2)
-        dfl_kl = (log_t.exp() * (log_t - log_s)).sum((1, 2))  # (B, A)
+        p_s, p_t_bins = log_s.exp(), log_t.exp()
+        dfl_kl = (p_t_bins * (log_t - log_s)).sum((1, 2))  # (B, A)
     # d/ds of T^2 * weight * KL(softmax(t/T) || softmax(s/T)) = T * weight * (softmax(s/T) - softmax(t/T)) per bin
-    dfl_grad = (s_bins.softmax(2) - t_bins.softmax(2)) * weight[:, None, None] * T
+    dfl_grad = (p_s - p_t_bins) * weight[:, None, None] * T
     return {"cls": cls, "dfl": exact_gradient((dfl_kl * weight).sum() * T * T, s_box, dfl_grad.view(b, 4 * reg_max, a))}
 
 

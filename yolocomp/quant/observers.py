@@ -1,7 +1,8 @@
 """Range observers and calibrators.
 
 Activations: a histogram of ``|x|`` whose range doubles (merging bins) when a larger value arrives, so any number of
-batches fits in a fixed memory; the clipping threshold is then chosen by min-max, percentile or MSE. Weights: per-output-channel max-abs, or an MSE-optimal clip per channel (for 4 bits).
+batches fits in a fixed memory; the clipping threshold is then chosen by min-max, percentile or MSE. Weights:
+per-output-channel max-abs, or an MSE-optimal clip per channel (for 4 bits).
 """
 
 from __future__ import annotations
