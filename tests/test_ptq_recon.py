@@ -72,6 +72,33 @@ def test_adaround_starts_at_the_float_weight_and_ends_on_the_grid():
     assert set(up.unique().tolist()) == {0.0, 1.0}  # each weight rounded down or up, both used
 
 
+def test_qdrop_keeps_float_activations_only_while_a_block_is_fitted():
+    torch.manual_seed(0)
+    q = Quantizer(4, signed=True)
+    q.scale.data.fill_(0.3)
+    q.initialized.fill_(1.0)
+    x = torch.randn(20000)
+    q.train()
+    quantized = q(x)
+    assert not (quantized == x).any()  # no value of a standard normal lies on the 0.3 grid
+    q.drop_prob = 0.5
+    mixed = q(x)
+    kept = mixed == x
+    assert 0.48 < float(kept.float().mean()) < 0.52  # about half the elements keep their float value
+    assert torch.equal(mixed[~kept], quantized[~kept])  # the others are the quantized values
+    q.eval()
+    assert torch.equal(q(x), quantized.detach())  # evaluation and export never drop
+
+
+def test_qdrop_reconstruction_clears_the_drop_and_records_it(float_model, images):
+    q = _quantized(float_model, images)
+    report = reconstruct_quantized(q, float_model, images, iters=5, drop_prob=0.5, progress=False)
+    assert report["settings"]["qdrop"] == 0.5
+    assert {m.drop_prob for m in q.modules() if isinstance(m, Quantizer)} == {0.0}
+    with pytest.raises(ValueError, match="drop_prob=1.0 must be in"):
+        reconstruct_quantized(q, float_model, images, iters=1, drop_prob=1.0, progress=False)
+
+
 def test_reconstruction_leaves_hard_rounded_weights_on_the_grid(reconstructed):
     nearest, q, report = reconstructed
     fitted = [r for r in report["blocks"] if r["fitted"] and not r["reverted"]]
@@ -228,6 +255,7 @@ def test_ptq_reconstruct_on_unlabelled_images_writes_the_contract(synthetic_data
     (["--images", "64"], "--images 64: --images takes a folder or .txt list of images"),
     (["--budget-mb", "0.01"], "--budget-mb 0.01: budget 0.010 MB is below the all-4-bit weights"),
     (["--images", "EMPTY"], "no images found"),
+    (["--recon-drop", "1"], "recon_drop = 1.0 is outside [0, 1)"),
 ])
 def test_bad_ptq_input_is_one_line_and_exit_2(args, message, synthetic_data, tiny_detector, tmp_path):
     import subprocess
@@ -248,6 +276,18 @@ def test_config_rejects_bad_values():
 
     with pytest.raises(UserError, match="budget_mb"):
         stage_config("ptq", {"budget_mb": -1})
+
+
+def test_qdrop_is_on_only_below_8_bit_activations_unless_set():
+    from yolocomp.recipe import stage_config
+
+    for stage in ("ptq", "qat"):
+        assert stage_config(stage, {"bits": 4}).qdrop() == 0.5
+        assert stage_config(stage, {"bits": 4, "act_bits": 8}).qdrop() == 0.0
+        assert stage_config(stage, {"layer_bits": {"model.0": [8, 4]}}).qdrop() == 0.5
+        assert stage_config(stage, {"layer_bits": {"model.0": 8}}).qdrop() == 0.0
+        assert stage_config(stage, {"bits": 4, "recon_drop": 0.0}).qdrop() == 0.0
+        assert stage_config(stage, {"recon_drop": 0.25}).qdrop() == 0.25
 
 
 # --- distilled low-bit QAT starts from the reconstruction ---------------------------------------------------------------

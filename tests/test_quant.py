@@ -113,13 +113,44 @@ def test_calibrators_clip_outliers_and_minmax_does_not():
     assert obs.hist.sum() == pytest.approx(obs.count)
 
 
-def test_activation_sign_is_decided_by_data(lively):
+def test_auto_calibrator_clips_four_bit_grids_by_mse_and_eight_bit_by_percentile():
+    torch.manual_seed(0)
+    x = torch.randn(50000) * torch.rand(50000).pow(4) * 8  # heavy-tailed, like SiLU outputs
+    clips = {}
+    for bits in (8, 4):
+        for method in ("auto", "percentile", "mse"):
+            q = Quantizer(bits, signed=True)
+            q.start_observing()
+            q(x)
+            q.finish_observing(method)
+            clips[bits, method] = float(q.step()) * q.qrange[1]
+    assert clips[8, "auto"] == clips[8, "percentile"]
+    assert clips[4, "auto"] == clips[4, "mse"]
+    assert clips[4, "mse"] < 0.75 * clips[4, "percentile"]  # 16 levels cannot afford the 99.99th percentile
+    with pytest.raises(ValueError, match="resolve auto"):
+        choose_range(HistogramObserver(), "auto")
+
+
+def test_activation_sign_is_signed_at_8_bits_and_decided_by_data_below(lively, tmp_path):
+    from yolocomp.export.lint import lint_qdq
+    from yolocomp.export.onnx_qdq import export_onnx
+
+    images = [torch.rand(2, 3, 64, 64)]
     model = deepcopy(lively)
     quantize_model(model)
-    calibrate(model, [torch.rand(2, 3, 64, 64)], "percentile", progress=False)
-    first = model.model[0].act_quant
-    assert first.signed is False  # images are >= 0: unsigned 8-bit
-    assert model.model[1].act_quant.signed is True  # SiLU outputs go down to -0.28
+    calibrate(model, images, "percentile", progress=False)
+    assert model.model[0].act_quant.signed is True  # images are >= 0, but TensorRT's INT8 is signed only
+    assert lint_qdq(export_onnx(model, tmp_path / "w8a8.onnx", imgsz=64)) == []
+    model.model[0].act_quant.signed = False  # asked for explicitly: a UINT8 input, which TensorRT cannot take
+    findings = lint_qdq(export_onnx(model, tmp_path / "uint8.onnx", imgsz=64))
+    assert findings and {f.rule for f in findings} == {"unsigned-int8"}  # the input's Q and DQ, nothing else
+    four = deepcopy(lively)
+    quantize_model(four, 4, 4)
+    calibrate(four, images, "percentile", progress=False)
+    assert four.model[0].act_quant.signed is False  # below 8 bits: the image gets all 16 levels of 0..15
+    assert four.model[1].act_quant.signed is True  # SiLU outputs go down to -0.28
+    x = images[0]
+    assert four.model[0].act_quant(x).unique().numel() == 16  # an unsigned 4-bit grid, stored in an INT8 container
 
 
 # --- BN folding -------------------------------------------------------------------------------------------------------
@@ -245,9 +276,9 @@ def test_one_qat_epoch_on_synthetic_data(synthetic_data, tmp_path, lively):
     convs = quant_convs(trained)
     assert len(convs) == 63 and all(c.bn_frozen for c in convs if c.bn is not None)
     assert all(q.initialized.item() == 1 for q in quantizers(trained))
-    # calibrated on the training images (0-1): the input quantizer's step is about 1/255
-    assert trained.model[0].act_quant.signed is False
-    assert 0.5 / 255 < trained.model[0].act_quant.scale.abs().item() < 2 / 255
+    # calibrated on the training images (0-1): the (signed, TensorRT) input quantizer's step is about 1/127
+    assert trained.model[0].act_quant.signed is True
+    assert 0.5 / 127 < trained.model[0].act_quant.scale.abs().item() < 2 / 127
     reloaded = load_model(result.last)
     assert len(quant_convs(reloaded)) == 63
     x = torch.rand(1, 3, 64, 64)

@@ -41,10 +41,10 @@ def test_shipped_recipes_validate(name):
         ({"model": "missing/dir/w.pt"}, "model = missing/dir/w.pt not found"),
         ({"model": "yolov8n.yaml", "data": "missing/data.yaml"}, "data = missing/data.yaml not found"),
         ({"data": "synthetic"}, "missing key model"),
-        ({"model": "yolov8n.yaml", "stages": {"ptq": {"calibrator": "kl"}}}, "'kl' is not one of minmax, percentile, mse"),
+        ({"model": "yolov8n.yaml", "stages": {"ptq": {"calibrator": "kl"}}}, "'kl' is not one of auto, minmax, percentile, mse"),
         ({"model": "yolov8n.yaml", "stages": {"ptq": {"calibrator": "entropy"}}},
          "'entropy' was dropped: its KL clip cuts YOLO's activations"),
-        ({"model": "yolov8n.yaml", "stages": {"qat": {"calibrator": "entropy"}}}, "use percentile (the default), mse"),
+        ({"model": "yolov8n.yaml", "stages": {"qat": {"calibrator": "entropy"}}}, "use auto (the default), percentile, mse"),
     ],
 )
 def test_invalid_recipes_name_key_and_fix(tmp_path, raw, fragment):

@@ -3,8 +3,10 @@
 Rows (``--rows`` picks groups):
   fp32         the float ONNX
   ptq          ``yolocomp ptq`` W8A8 with each calibrator (TensorRT-layout Q/DQ)
-  recon        ``ptq --reconstruct`` W8A8, W4A8, W4A4 (AdaRound + LSQ, block by block, BRECQ)
-  mixed        ``ptq --reconstruct --budget-mb`` at each ``--budgets`` share of the INT8 weight bytes
+  recon        ``ptq --reconstruct`` W8A8, W4A8, W4A4 (AdaRound + LSQ, block by block, BRECQ); with ``--recon-drops``
+               once per QDrop probability (rows ``..._qdrop<p>``), side by side
+  mixed        ``ptq --reconstruct --budget-mb`` at each ``--budgets`` share of the INT8 weight bytes (and each
+               ``--recon-drops`` value)
   qat          distilled W4A8 / W4A4 QAT from the reconstructed model, float model as teacher, on coco-real train and
                ``--images`` (unlabelled), for ``--qat-minutes`` each
   ultralytics  Ultralytics' ``export(format="onnx", quantize=8)`` and, where openvino + nncf are installed,
@@ -81,6 +83,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--recon-iters", type=int, default=1000, help="reconstruction iterations per block")
     ap.add_argument("--recon-bits", default="w8a8:200,w4a8,w4a4",
                     help="reconstructed PTQ variants, each optionally with its own iterations (w8a8:200)")
+    ap.add_argument("--recon-drops", default="",
+                    help="QDrop probabilities to compare in the recon and mixed rows, e.g. 0,0.5 (default: ptq's)")
     ap.add_argument("--budgets", default="0.55,0.75", help="mixed-precision weight budgets, as shares of the INT8 bytes")
     ap.add_argument("--qat-bits", default="w4a8,w4a4")
     ap.add_argument("--qat-minutes", type=float, default=20.0, help="wall-clock training budget of each QAT row")
@@ -209,21 +213,27 @@ def main(argv: list[str] | None = None) -> dict:
             add(f"ptq_percentile_{n}_images", lambda n=n: (lambda rep: (rep["onnx"], rep))(ptq(
                 weights, data, out / f"ptq_percentile_{n}", imgsz=args.imgsz, evaluate=False, calib_images=n,
                 **calib)), {"placement": "tensorrt", "calibrator": "percentile", "calib_images": n})
+    # each QDrop probability asked for gets its own rows (suffix _qdrop<p>); none asked: ptq's default, no suffix
+    drops = [(f"_qdrop{float(d):g}", {"recon_drop": float(d)}) for d in args.recon_drops.split(",") if d] or [("", {})]
     if "recon" in groups:
         for spec in [t for t in args.recon_bits.split(",") if t]:
             tag, _, iters = spec.partition(":")
             w, a = bits(tag)
             iters = int(iters or args.recon_iters)
-            add(f"ptq_recon_{tag}", lambda w=w, a=a, tag=tag, iters=iters: run_ptq(
-                f"ptq_recon_{tag}", weight_bits=w, act_bits=a, reconstruct=True, recon_iters=iters),
-                {"weight_bits": w, "act_bits": a, "recon_iters": iters})
+            for suffix, drop in drops:
+                name = f"ptq_recon_{tag}{suffix}"
+                add(name, lambda w=w, a=a, iters=iters, name=name, drop=drop: run_ptq(
+                    name, weight_bits=w, act_bits=a, reconstruct=True, recon_iters=iters, **drop),
+                    {"weight_bits": w, "act_bits": a, "recon_iters": iters, **drop})
     if "mixed" in groups:
         int8_mb = report["int8_weight_mb"]
         for share in [float(s) for s in args.budgets.split(",") if s]:
             budget = round(share * int8_mb, 4)
-            add(f"ptq_mixed_{share:g}", lambda budget=budget, share=share: run_ptq(
-                f"ptq_mixed_{share:g}", budget_mb=budget, reconstruct=True, recon_iters=args.recon_iters),
-                {"budget_mb": budget, "budget_share_of_int8": share})
+            for suffix, drop in drops:
+                name = f"ptq_mixed_{share:g}{suffix}"
+                add(name, lambda budget=budget, name=name, drop=drop: run_ptq(
+                    name, budget_mb=budget, reconstruct=True, recon_iters=args.recon_iters, **drop),
+                    {"budget_mb": budget, "budget_share_of_int8": share, **drop})
     if "qat" in groups:
         for tag in [t for t in args.qat_bits.split(",") if t]:
             w, a = bits(tag)

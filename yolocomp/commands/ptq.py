@@ -109,7 +109,8 @@ def ptq(model: Any, data: str | Path, out: str | Path, *, imgsz: int = 640, devi
         from yolocomp.quant.reconstruct import reconstruct_quantized
 
         t = time.time()
-        report["reconstruction"] = reconstruct_quantized(qmodel, float_model, batches, iters=cfg.recon_iters)
+        report["reconstruction"] = reconstruct_quantized(qmodel, float_model, batches, iters=cfg.recon_iters,
+                                                         drop_prob=cfg.qdrop())
         report["reconstruction"]["seconds"] = round(time.time() - t, 1)
     if cfg.bias_correction:
         from yolocomp.quant.bias_correction import correct_bias

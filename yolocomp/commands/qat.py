@@ -138,7 +138,8 @@ def _warm_start(qmodel: Any, float_model: Any, cfg: Any, data: Path, imgsz: int,
     batches = list(image_batches(calibration_paths(cfg, data), imgsz, 8))
     qmodel.to(device)
     calibrate(qmodel, batches, cfg.calibrator, device=device)
-    report = reconstruct_quantized(qmodel, deepcopy(float_model).float().to(device), batches, iters=cfg.recon_iters)
+    report = reconstruct_quantized(qmodel, deepcopy(float_model).float().to(device), batches, iters=cfg.recon_iters,
+                                   drop_prob=cfg.qdrop())
     qmodel.cpu()
     return {**report, "seconds": round(time.time() - t, 1)}
 

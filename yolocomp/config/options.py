@@ -42,6 +42,10 @@ def valid_fraction(v: Any) -> str | None:
     return None if 0 < v <= 1 else f"{v} is outside (0, 1]"
 
 
+def probability(v: Any) -> str | None:
+    return None if 0 <= v < 1 else f"{v} is outside [0, 1)"
+
+
 def positive(v: Any) -> str | None:
     return None if v > 0 else f"{v} must be > 0"
 

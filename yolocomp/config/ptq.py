@@ -4,9 +4,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from yolocomp.config.options import one_of, option, positive, valid_bits
+from yolocomp.config.options import one_of, option, positive, probability, valid_bits
 
-CALIBRATORS = ("minmax", "percentile", "mse")
+#: ``auto``: percentile for 8-bit activation grids, mse for coarser ones (a 4-bit grid cannot afford the outliers)
+CALIBRATORS = ("auto", "minmax", "percentile", "mse")
+
+
+#: QDrop probability of the reconstruction when some activations are below 8 bits; at 8 bits it is off (both measured
+#: in tools/README.md: it helped W4A4 and cost W4A8 AP).
+LOW_BIT_QDROP = 0.5
+
+
+def reconstruction_drop(recon_drop: float | None, act_bits: int, layer_bits: dict | None = None) -> float:
+    """The QDrop probability a reconstruction uses: ``recon_drop`` as given, else :data:`LOW_BIT_QDROP` when
+    ``act_bits`` or an activation width of ``layer_bits`` ({layer: bits or [weight bits, act bits]}) is below 8."""
+    if recon_drop is not None:
+        return recon_drop
+    acts = [act_bits] + [v[-1] if isinstance(v, (tuple, list)) else v for v in (layer_bits or {}).values()]
+    return LOW_BIT_QDROP if min(acts) < 8 else 0.0
 
 
 def known_calibrator(value: object) -> str | None:
@@ -19,8 +34,9 @@ def known_calibrator(value: object) -> str | None:
 
 @dataclass
 class PtqConfig:
-    calibrator: str = option("percentile", "how activation ranges are set from the calibration images",
-                             hint="use percentile (the default), mse or minmax", choices=CALIBRATORS,
+    calibrator: str = option("auto", "how activation ranges are set from the calibration images (auto: percentile "
+                             "for 8-bit activations, mse below)",
+                             hint="use auto (the default), percentile, mse or minmax", choices=CALIBRATORS,
                              check=known_calibrator)
     calib_images: int = option(256, "calibration (and reconstruction) images", check=positive,
                                hint="use a number of calibration images such as 256")
@@ -31,6 +47,9 @@ class PtqConfig:
                                "block against the float model (BRECQ)", hint="use true or false")
     recon_iters: int = option(1000, "reconstruction iterations per block", check=positive,
                               hint="use a number of iterations such as 1000")
+    recon_drop: float | None = option(None, "QDrop during reconstruction: share of activations kept float while each "
+                                      "block is fitted (unset: 0.5 when activations are below 8 bits, else 0)",
+                                      check=probability, hint="use a probability such as 0.5, or 0 to turn it off")
     bias_correction: bool = option(False, "shift each conv's bias so its quantized output channels keep the float "
                                    "means on the calibration images (after reconstruction when both)",
                                    hint="use true or false")
@@ -55,3 +74,6 @@ class PtqConfig:
 
     def bit_widths(self) -> tuple[int, int]:
         return self.weight_bits or self.bits, self.act_bits or self.bits
+
+    def qdrop(self) -> float:
+        return reconstruction_drop(self.recon_drop, self.bit_widths()[1], self.layer_bits)

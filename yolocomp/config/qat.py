@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from yolocomp.config.options import at_least, non_negative, option, positive, valid_bits, valid_ratio
-from yolocomp.config.ptq import CALIBRATORS, known_calibrator
+from yolocomp.config.options import at_least, non_negative, option, positive, probability, valid_bits, valid_ratio
+from yolocomp.config.ptq import CALIBRATORS, known_calibrator, reconstruction_drop
 from yolocomp.config.train import TrainingOptions
 
 QAT_TRAIN_DEFAULTS: dict[str, Any] = {"optimizer": "SGD", "lr0": 1e-4, "warmup_epochs": 0}
@@ -57,14 +57,18 @@ class QatConfig(TrainingOptions):
     pseudo_conf: float | None = option(None, "teacher detections above this confidence become labels of the unlabelled "
                                        "images (unset: no pseudo-labels)", hint="use a confidence such as 0.5",
                                        check=valid_ratio)
-    calibrator: str = option("percentile", "range calibration before training", choices=CALIBRATORS,
-                             check=known_calibrator, hint="use percentile (the default), mse or minmax")
+    calibrator: str = option("auto", "range calibration before training (auto: percentile for 8-bit activations, "
+                             "mse below)", choices=CALIBRATORS, check=known_calibrator,
+                             hint="use auto (the default), percentile, mse or minmax")
     calib_images: int = option(128, "calibration images", hint="use a number of images such as 128", check=positive)
     reconstruct: bool | None = option(None, "start from block-reconstruction PTQ (AdaRound + LSQ against the float "
                                       "model) instead of plain calibration (unset: on below 8 bits)",
                                       hint="use true or false")
     recon_iters: int = option(300, "reconstruction iterations per block", check=positive,
                               hint="use a number of iterations such as 300")
+    recon_drop: float | None = option(None, "QDrop during reconstruction: share of activations kept float while each "
+                                      "block is fitted (unset: 0.5 when activations are below 8 bits, else 0)",
+                                      check=probability, hint="use a probability such as 0.5, or 0 to turn it off")
     freeze_bn_epoch: int = option(0, "epoch from which BN statistics are frozen (0 = from the start)",
                                   hint="use 0 to freeze BN from the start", check=non_negative)
     layer_bits: dict | None = option(None, "per-layer bits, {layer name: bits or [weight bits, act bits]}", cli=False,
@@ -74,6 +78,9 @@ class QatConfig(TrainingOptions):
 
     def bit_widths(self) -> tuple[int, int]:
         return self.weight_bits or self.bits, self.act_bits or self.bits
+
+    def qdrop(self) -> float:
+        return reconstruction_drop(self.recon_drop, self.bit_widths()[1], self.layer_bits)
 
     def reconstruct_first(self) -> bool:
         """Whether the model starts from block-reconstruction PTQ: as set, else whenever any layer is below 8 bits."""

@@ -7,6 +7,7 @@ Rules (``rule`` field of each finding):
 * ``conv-weight-not-quantized`` (error): the weight is not DequantizeLinear(integer initializer).
 * ``weight-not-per-channel`` (error): the weight's DQ is not per-output-channel on axis 0.
 * ``nonzero-zero-point`` (error): TensorRT supports symmetric quantization only.
+* ``unsigned-int8`` (error): a UINT8 Q/DQ; TensorRT's INT8 is signed only.
 * ``qdq-scale-mismatch`` (error): a DequantizeLinear uses another scale than the QuantizeLinear feeding it.
 * ``tensor-multi-scale`` (warning): one tensor is quantized with different scales (directly or, because TensorRT moves
   Q across Concat / MaxPool / Resize, through those ops): it needs a re-quantization instead of one fused int8 output.
@@ -75,6 +76,20 @@ class _Graph:
             return self.const(node.input[0])
         return None
 
+    def zero_point_type(self, node: onnx.NodeProto) -> int | None:
+        """The ONNX data type of a Q/DQ node's zero point (None: absent, or not a constant)."""
+        if len(node.input) < 3 or not node.input[2]:
+            return None
+        name = node.input[2]
+        if name in self.inits:
+            return self.inits[name].data_type
+        producer = self.producer.get(name)
+        if producer is not None and producer.op_type == "Constant":
+            return producer.attribute[0].t.data_type
+        if producer is not None and producer.op_type == "Cast":
+            return next((a.i for a in producer.attribute if a.name == "to"), None)
+        return None
+
     def qparams(self, node: onnx.NodeProto) -> tuple[np.ndarray | None, np.ndarray | None]:
         scale = self.const(node.input[1])
         zp = self.const(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros(1)
@@ -101,6 +116,8 @@ def lint_qdq(path: str | Path | onnx.ModelProto, float_ok: tuple[str, ...] = ("d
             _, zp = g.qparams(n)
             if zp is not None and np.any(zp != 0):
                 findings.append(Finding(n.name, "nonzero-zero-point", "zero-point must be 0 (symmetric)"))
+            if g.zero_point_type(n) == onnx.TensorProto.UINT8:
+                findings.append(Finding(n.name, "unsigned-int8", "UINT8 quantization; TensorRT's INT8 is signed"))
         if n.op_type == "DequantizeLinear" and n.input[0] in g.producer:
             q = g.producer[n.input[0]]
             if q.op_type == "QuantizeLinear":

@@ -22,7 +22,7 @@ from yolocomp.errors import UserError
 from yolocomp.export.onnx_metadata import stamp
 from yolocomp.export.onnx_qdq import export_onnx, is_quantized
 
-_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "mse": "Distribution"}
+_METHODS = {"auto": "Percentile", "minmax": "MinMax", "percentile": "Percentile", "mse": "Distribution"}  # 8-bit
 
 
 class _Reader:
@@ -66,7 +66,7 @@ def decode_nodes(model: onnx.ModelProto) -> list[str]:
 
 
 def export_ort_int8(model: nn.Module, path: str | Path, batches: Iterable[torch.Tensor], imgsz: int = 640,
-                    calibrator: str = "percentile") -> Path:
+                    calibrator: str = "auto") -> Path:
     """Float ``model`` -> uint8-activation / int8 per-channel-weight QDQ ONNX for ONNX Runtime CPU."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 

@@ -67,9 +67,13 @@ class AdaRoundFit(BlockFit):
     quantizers it owns (a quantizer shared with an earlier block keeps what that block learned)."""
 
     def __init__(self, weight_lr: float = 1e-3, act_lr: float = 4e-5, reg_weight: float = 0.01,
-                 beta: tuple[float, float] = (20.0, 2.0), warmup: float = 0.2, learn_activations: bool = True):
+                 beta: tuple[float, float] = (20.0, 2.0), warmup: float = 0.2, learn_activations: bool = True,
+                 drop_prob: float = 0.0):
         super().__init__(weight_lr)
+        if not 0.0 <= drop_prob < 1.0:
+            raise ValueError(f"drop_prob={drop_prob} must be in [0, 1)")
         self.act_lr, self.reg_weight, self.beta, self.warmup = act_lr, reg_weight, beta, warmup
+        self.drop_prob = drop_prob
         self.learn_activations = learn_activations
         self._learned: set[int] = set()
         self._convs: list[QConv] = []
@@ -77,7 +81,8 @@ class AdaRoundFit(BlockFit):
 
     def settings(self) -> dict:
         return {"method": "adaround+lsq", "weight_lr": self.lr, "act_lr": self.act_lr, "reg_weight": self.reg_weight,
-                "beta": list(self.beta), "warmup": self.warmup, "learn_activations": self.learn_activations}
+                "beta": list(self.beta), "warmup": self.warmup, "learn_activations": self.learn_activations,
+                "qdrop": self.drop_prob}
 
     def begin(self, module: nn.Module) -> list[dict]:
         self._convs = [m for m in module.modules() if isinstance(m, QConv) and m.weight_quant.enabled]
@@ -91,6 +96,7 @@ class AdaRoundFit(BlockFit):
                     self._learned.add(id(q))
                     self._acts.append(q)
                     q.train()  # LSQ path; the rest of the block (BN) stays in eval mode
+                    q.drop_prob = self.drop_prob
         groups = [{"params": [c.rounding.alpha for c in self._convs], "lr": self.lr}]
         if self._acts:
             groups.append({"params": [q.scale for q in self._acts], "lr": self.act_lr})
@@ -110,6 +116,7 @@ class AdaRoundFit(BlockFit):
         stats = [bake_rounding(c) for c in self._convs]
         for q in self._acts:
             q.eval()
+            q.drop_prob = 0.0
         n = max(1, len(stats))
         return {"convs": len(stats), "undecided": round(sum(s["undecided"] for s in stats) / n, 4),
                 "rounded_up": round(sum(s["up"] for s in stats) / n, 4)}

@@ -55,7 +55,7 @@ def image_batches(paths: list[Path], imgsz: int, batch: int = 8) -> Iterator[tor
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], method: str = "percentile",
+def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], method: str = "auto",
               device: str | torch.device = "cpu", progress: bool = True, **kwargs: float) -> int:
     """Observe activations over ``batches`` and set every activation step size with ``method``; weight step sizes
     come from the (BN-folded) weights. The model runs in eval mode, so BN statistics are untouched. Returns the

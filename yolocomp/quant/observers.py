@@ -53,10 +53,19 @@ class HistogramObserver:
         return np.linspace(0.0, self.upper, self.bins + 1)
 
 
+def range_method(method: str, bits: int) -> str:
+    """The calibrator a quantizer of ``bits`` uses: ``auto`` is percentile at 8 bits and mse below, where 16 levels
+    spread up to the 99.99th percentile leave most values on a handful of them."""
+    if method != "auto":
+        return method
+    return "percentile" if bits >= 8 else "mse"
+
+
 def choose_range(obs: HistogramObserver, method: str, levels: int = 127, percentile: float = 99.99) -> float:
     """Clipping threshold (>= 0) for ``|x|`` from a histogram, by the named calibration method."""
-    if method not in (*CALIBRATORS, "ema"):
-        raise ValueError(f"unknown calibrator {method!r}; choose one of {', '.join(CALIBRATORS)}")
+    if method not in (*CALIBRATORS, "ema") or method == "auto":
+        raise ValueError(f"unknown calibrator {method!r}; choose one of {', '.join(CALIBRATORS[1:])} (resolve auto "
+                         f"with range_method)")
     if obs.max_value <= 0:
         return 0.0
     if method == "minmax":

@@ -39,7 +39,7 @@ class QuantizationAwareTraining(Method):
 
     def __init__(self, bits: int = 8, weight_bits: int | None = None, act_bits: int | None = None,
                  exclude: Iterable[str | int] = (), layer_bits: Mapping[str, int | tuple[int, int]] | None = None,
-                 calibrator: str = "percentile", calib_batches: int = 8, freeze_bn_epoch: int = 0,
+                 calibrator: str = "auto", calib_batches: int = 8, freeze_bn_epoch: int = 0,
                  calib_images: int = 128,
                  learn: bool = True, share: bool = True, learn_weight_scales: bool | None = None):
         self.weight_bits = int(weight_bits or bits)

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from yolocomp.quant.observers import HistogramObserver, choose_range, weight_scales
+from yolocomp.quant.observers import HistogramObserver, choose_range, range_method, weight_scales
 
 
 def qrange(bits: int, signed: bool) -> tuple[int, int]:
@@ -43,7 +43,9 @@ class Quantizer(nn.Module):
     """One fake quantizer with a learned step size (LSQ), initialised from calibration.
 
     ``channels=None``: per-tensor (activations); ``channels=C``: per-channel along axis 0 (weights). ``signed=None``
-    decides the sign at calibration: unsigned when every observed value is >= 0 (images, ReLU outputs), else signed.
+    decides the sign at calibration: signed at 8 bits (TensorRT's INT8 is signed only; an image then uses 128 of the
+    levels); below 8 bits unsigned when every observed value is >= 0 (images, ReLU outputs), else signed. Every grid
+    is stored in an INT8 container unless 8-bit unsigned is asked for explicitly (UINT8, not for TensorRT).
 
     Modes: ``enabled=False`` passes values through; ``observing=True`` passes through and records statistics for
     calibration; ``learn=False`` learns no step size: a weight quantizer always uses its weight's current range
@@ -64,6 +66,7 @@ class Quantizer(nn.Module):
         self.observing = False
         self.export = False
         self.observer: HistogramObserver | None = None
+        self.drop_prob = 0.0  # QDrop, while a reconstruction fits this quantizer (quant.adaround)
 
     # --- pickling: the observer is calibration-time state only ------------------------------------------------------
     def __getstate__(self) -> dict:
@@ -101,16 +104,16 @@ class Quantizer(nn.Module):
         self.observing = True
         self.observer = HistogramObserver()
 
-    def finish_observing(self, method: str = "percentile", **kwargs: float) -> None:
-        """Set the step size from the recorded statistics with ``method`` (minmax, percentile, mse, ema)."""
+    def finish_observing(self, method: str = "auto", **kwargs: float) -> None:
+        """Set the step size from the recorded statistics with ``method`` (auto, minmax, percentile, mse, ema)."""
         self.observing = False
         obs = self.observer
         if obs is None or obs.count == 0:
             return  # never reached (e.g. unused branch): keep what it had
         if self.signed is None:
-            self.signed = bool(obs.min_value < 0)
+            self.signed = self._sign_for(obs.min_value)
         qn, qp = self.qrange
-        clip = choose_range(obs, method, levels=qp, **kwargs)
+        clip = choose_range(obs, range_method(method, self.bits), levels=qp, **kwargs)
         with torch.no_grad():
             self.scale.data.fill_(max(clip, 1e-8) / qp)
             self.initialized.fill_(1.0)
@@ -141,19 +144,28 @@ class Quantizer(nn.Module):
         if self.export or not (self.training and self.learn):
             return self._fake_quant(x, qn, qp)
         n = x.numel() / (self.channels or 1)
-        return lsq_quantize(x, self.step(), qn, qp, 1.0 / math.sqrt(n * qp))
+        xq = lsq_quantize(x, self.step(), qn, qp, 1.0 / math.sqrt(n * qp))
+        drop = getattr(self, "drop_prob", 0.0)  # checkpoints pickled before QDrop lack it
+        if drop > 0:
+            # QDrop (Wei et al. 2022): each element keeps its float value with probability ``drop``, so the fitted
+            # weights stay accurate for a neighbourhood of activation perturbations, not only the fitting ones
+            return torch.where(torch.rand_like(x) < drop, x, xq)
+        return xq
 
     @torch.no_grad()
     def _track_range(self, x: torch.Tensor, qp: int) -> None:
         """Activations: EMA of the per-batch max-abs (weights with a tracked range are handled in forward)."""
         self.scale.data.mul_(0.99).add_(0.01 * x.abs().max() / qp)
 
+    def _sign_for(self, min_value: float) -> bool:
+        return self.bits >= 8 or min_value < 0
+
     def _lazy_init(self, x: torch.Tensor) -> None:
         if self.channels:
             self.init_from_weight(x)
             return
         if self.signed is None:
-            self.signed = bool(x.detach().min() < 0)
+            self.signed = self._sign_for(x.detach().min().item())
         qn, qp = self.qrange
         with torch.no_grad():
             # LSQ's initialisation 2*mean|x|/sqrt(Qp), bounded by max|x|/Qp so no range is wider than the data
@@ -172,7 +184,7 @@ class Quantizer(nn.Module):
     def _fake_quant(self, x: torch.Tensor, qn: int, qp: int, step: torch.Tensor | None = None) -> torch.Tensor:
         """Fake quantization through the torch ops that export as ONNX QuantizeLinear/DequantizeLinear (8-bit
         containers: lower bit widths clamp to their own grid first, which keeps the result exact)."""
-        lo, hi = (-128, 127) if self.is_signed else (0, 255)
+        lo, hi = (-128, 127) if self.is_signed or self.bits < 8 else (0, 255)
         if self.export and hasattr(self, "export_scale"):
             s, zp = self.export_scale, self.export_zp
             if self.bits < 8 and not self.channels:  # weights arrive pre-rounded to their 4-bit grid
