@@ -29,6 +29,7 @@ IMGSZ = 64
 
 @pytest.fixture(scope="module")
 def float_model():
+    torch.manual_seed(0)  # the same random detector whatever ran before in the session
     return lively_detector()
 
 
