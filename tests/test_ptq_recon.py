@@ -29,7 +29,7 @@ IMGSZ = 64
 
 @pytest.fixture(scope="module")
 def float_model():
-    torch.manual_seed(0)  # the same random detector whatever ran before in the session
+    torch.manual_seed(0)
     return lively_detector()
 
 
@@ -304,7 +304,7 @@ def test_openvino_refuses_four_bit_activations_with_one_line(float_model, images
     assert low_bit_activation_nodes(w4a8) == []
 
 
-# --- QDrop (last: its seeded tensors must not shift the random models the tests above build) ---------------------
+# --- QDrop -------------------------------------------------------------------------------------------------------
 def test_qdrop_keeps_float_activations_only_while_a_block_is_fitted():
     torch.manual_seed(0)
     q = Quantizer(4, signed=True)
