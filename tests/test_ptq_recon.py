@@ -218,6 +218,7 @@ def test_ptq_reconstruct_on_unlabelled_images_writes_the_contract(synthetic_data
     assert (tmp_path / "model_w4a8.onnx").exists() and saved["lint"] == []
     assert 0 <= saved["ap"] == saved["ap_onnx"]["ap"] <= 1 and saved["calibration_source"] == str(folder)
     assert saved["settings"]["reconstruct"] is True and report["reconstruction"]["blocks"]
+    assert saved["settings"]["edge_bits"] == 8 and saved["edge_layers"][0] == "model.0" and len(saved["edge_layers"]) == 7
     mixed = ptq(lively_detector(), synthetic_data, tmp_path / "mixed", bits=8, calib_images=8, imgsz=IMGSZ,
                 budget_mb=2.0, evaluate=False)
     assert (tmp_path / "mixed" / "model_mixed.onnx").exists()
@@ -227,6 +228,7 @@ def test_ptq_reconstruct_on_unlabelled_images_writes_the_contract(synthetic_data
 
 @pytest.mark.parametrize("args,message", [
     (["--act-bits", "3"], "act_bits = 3 is not 4 or 8; use 8 or 4"),
+    (["--edge-bits", "16"], "edge_bits = 16 is not 4 or 8; use 8 (the default)"),
     (["--images", "64"], "--images 64: --images takes a folder or .txt list of images"),
     (["--budget-mb", "0.01"], "--budget-mb 0.01: budget 0.010 MB is below the all-4-bit weights"),
     (["--images", "EMPTY"], "no images found"),
@@ -330,3 +332,30 @@ def test_qdrop_reconstruction_clears_the_drop_and_records_it(float_model, images
     assert {m.drop_prob for m in q.modules() if isinstance(m, Quantizer)} == {0.0}
     with pytest.raises(ValueError, match="drop_prob=1.0 must be in"):
         reconstruct_quantized(q, float_model, images, iters=1, drop_prob=1.0, progress=False)
+
+
+# --- the convs at the ends keep 8 bits ------------------------------------------------------------------------------
+def test_first_and_output_convs_keep_8_bits_below_8_bit_quantization(float_model):
+    from ultralytics.nn.tasks import DetectionModel
+
+    from yolocomp.quant.convert import edge_layers
+
+    edges = edge_layers(float_model)
+    head = len(float_model.model) - 1
+    assert edges[0] == "model.0" and len(edges) == 7  # the image conv; box and class output convs of three scales
+    assert sorted(e.rsplit(".", 2)[0] for e in edges[1:]) == [f"model.{head}.cv{b}" for b in (2, 2, 2, 3, 3, 3)]
+    yolo11 = DetectionModel("yolo11n.yaml", nc=5, verbose=False)  # its class branch ends in nested Sequentials
+    assert all(isinstance(yolo11.get_submodule(n), torch.nn.Conv2d) for n in edge_layers(yolo11)[1:])
+    assert len(edge_layers(yolo11)) == 7
+
+    q = deepcopy(float_model)
+    info = quantize_model(q, 4, 4, edge_bits=8)
+    bits = {c.name: (c.weight_quant.bits, c.act_quant.bits) for c in quant_convs(q)}
+    assert info["edge_layers"] == edges
+    assert {n for n, b in bits.items() if b == (8, 8)} == set(edges)
+    assert all(b == (4, 4) for n, b in bits.items() if n not in edges)
+    # the user's layer_bits win over the rule; at 8 bits, or without edge_bits, there is no exception to make
+    assert quantize_model(deepcopy(float_model), 4, 8, layer_bits={edges[-1]: 4}, edge_bits=8)["edge_layers"] == edges[:-1]
+    assert quantize_model(deepcopy(float_model), 8, 8, edge_bits=8)["edge_layers"] == []
+    q = deepcopy(float_model)
+    assert quantize_model(q, 4, 8)["edge_layers"] == [] and {c.weight_quant.bits for c in quant_convs(q)} == {4}

@@ -101,10 +101,12 @@ def ptq(model: Any, data: str | Path, out: str | Path, *, imgsz: int = 640, devi
         layer_bits = {layer: (bits, ab) for layer, bits in plan["weight_bits"].items()}
         name = "model_mixed.onnx"
     qmodel = deepcopy(float_model)  # the caller's model (or our float reference) stays untouched
-    info = quantize_model(qmodel, wb, ab, exclude=layer_refs(cfg.exclude), layer_bits=layer_bits)
+    # a mixed plan names every conv's bits itself
+    info = quantize_model(qmodel, wb, ab, exclude=layer_refs(cfg.exclude), layer_bits=layer_bits,
+                          edge_bits=cfg.edge_bits if cfg.budget_mb is None else None)
     seen = calibrate(qmodel, batches, cfg.calibrator, device=device)
     report.update(weight_bits=wb, act_bits=ab, calibration_images=seen, quantized_layers=len(info["quantized"]),
-                  excluded=info["excluded"])
+                  excluded=info["excluded"], edge_layers=info["edge_layers"])
     if cfg.reconstruct:
         from yolocomp.quant.reconstruct import reconstruct_quantized
 

@@ -24,6 +24,13 @@ def reconstruction_drop(recon_drop: float | None, act_bits: int, layer_bits: dic
     return LOW_BIT_QDROP if min(acts) < 8 else 0.0
 
 
+def edge_bits_option():
+    """``edge_bits``, shared by ptq and qat."""
+    return option(8, "bits (weights and activations) that the first conv and Detect's output convs keep when the rest "
+                  "is quantized below them (4: no exception)", check=valid_bits,
+                  hint="use 8 (the default) to keep the first and last convs at 8 bits, or 4 for none")
+
+
 def known_calibrator(value: object) -> str | None:
     """None for a calibrator in CALIBRATORS; else the problem (entropy was dropped, and says why)."""
     if value == "entropy":  # TensorRT-style KL calibration, removed: measurements in tools/README.md
@@ -59,6 +66,7 @@ class PtqConfig:
     bits: int = option(8, "bits of weights and activations", hint="use 8 or 4", check=valid_bits)
     weight_bits: int | None = option(None, "weight bits (unset: bits)", hint="use 8 or 4", check=valid_bits)
     act_bits: int | None = option(None, "activation bits (unset: bits)", hint="use 8 or 4", check=valid_bits)
+    edge_bits: int = edge_bits_option()
     exclude: list[str] = option([], "layer names or indices kept float", hint="use a list of layer names or indices",
                                 metavar="LAYER")
     sensitivity: bool = option(False, "per-layer sensitivity analysis and a suggested mixed-precision plan",

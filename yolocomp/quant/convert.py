@@ -31,11 +31,31 @@ def _excluded(name: str, patterns: Iterable[str | int]) -> bool:
     return False
 
 
-def _bits_for(name: str, default: tuple[int, int], layer_bits: Mapping[str, BitsSpec] | None) -> tuple[int, int]:
+def _bits_for(name: str, default: tuple[int, int], layer_bits: Mapping[str, BitsSpec] | None,
+              edges: Iterable[str] = (), edge_bits: int | None = None) -> tuple[int, int]:
     for pattern, spec in (layer_bits or {}).items():
         if name == pattern or name.startswith(pattern + ".") or fnmatch.fnmatch(name, pattern):
             return (spec, spec) if isinstance(spec, int) else (int(spec[0]), int(spec[1]))
+    if edge_bits is not None and name in edges:
+        return max(default[0], edge_bits), max(default[1], edge_bits)
     return default
+
+
+def edge_layers(model: nn.Module) -> list[str]:
+    """The convs at the ends of the detector: the first conv (it reads the image) and the last conv of each Detect
+    branch (box distributions, class logits, masks or keypoints: the outputs NMS reads)."""
+    from ultralytics.nn.modules import Detect
+
+    names = []
+    for name, m in model.named_modules():
+        if not names and (_is_conv_bn_act(m) or isinstance(m, nn.Conv2d)):
+            names.append(name)
+        if isinstance(m, Detect):
+            for attr, branches in m.named_children():
+                if isinstance(branches, nn.ModuleList):
+                    names += [f"{name}.{attr}.{i}.{len(b) - 1}" for i, b in enumerate(branches)
+                              if isinstance(b, nn.Sequential) and isinstance(b[-1], nn.Conv2d)]
+    return names
 
 
 def _set(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -62,13 +82,17 @@ def validate_exclude(model: nn.Module, exclude: Iterable[str | int]) -> list[str
 
 
 def quantize_model(model: nn.Module, w_bits: int = 8, a_bits: int = 8, exclude: Iterable[str | int] = (),
-                   layer_bits: Mapping[str, BitsSpec] | None = None, share: bool = True) -> dict:
-    """Replace convs by :class:`QConv` in place (idempotent). Returns ``{"quantized": [...], "excluded": [...]}``."""
+                   layer_bits: Mapping[str, BitsSpec] | None = None, share: bool = True,
+                   edge_bits: int | None = None) -> dict:
+    """Replace convs by :class:`QConv` in place (idempotent). Returns ``{"quantized": [...], "excluded": [...],
+    "edge_layers": [...]}``. ``edge_bits``: at least this many bits (weights and activations) for the
+    :func:`edge_layers` that ``layer_bits`` does not name, as BRECQ, QDrop and AdaRound report their 4-bit results."""
     exclude = list(exclude)
     if quant_convs(model):
         return {"quantized": [q.name for q in quant_convs(model)], "excluded": getattr(model, "quant_excluded", []),
                 "changed": False}
     validate_exclude(model, exclude)
+    edges = edge_layers(model) if edge_bits is not None else []
     quantized, excluded = [], []
     targets = []
     for name, m in model.named_modules():
@@ -80,7 +104,7 @@ def quantize_model(model: nn.Module, w_bits: int = 8, a_bits: int = 8, exclude: 
         if _excluded(name, exclude):
             excluded.append(name)
             continue
-        wb, ab = _bits_for(name, (w_bits, a_bits), layer_bits)
+        wb, ab = _bits_for(name, (w_bits, a_bits), layer_bits, edges, edge_bits)
         if isinstance(m, nn.Conv2d):
             q = QConv(m, None, nn.Identity(), wb, ab, name)
         else:
@@ -94,7 +118,9 @@ def quantize_model(model: nn.Module, w_bits: int = 8, a_bits: int = 8, exclude: 
     if share:
         share_quantizers(model)
     model.quant_excluded = excluded
-    return {"quantized": quantized, "excluded": excluded, "changed": True}
+    raised = [n for n in edges if n in quantized and _bits_for(n, (w_bits, a_bits), layer_bits, edges, edge_bits)
+              != _bits_for(n, (w_bits, a_bits), layer_bits)]
+    return {"quantized": quantized, "excluded": excluded, "edge_layers": raised, "changed": True}
 
 
 # --- one scale per tensor group -------------------------------------------------------------------------------------

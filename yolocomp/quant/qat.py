@@ -41,11 +41,13 @@ class QuantizationAwareTraining(Method):
                  exclude: Iterable[str | int] = (), layer_bits: Mapping[str, int | tuple[int, int]] | None = None,
                  calibrator: str = "auto", calib_batches: int = 8, freeze_bn_epoch: int = 0,
                  calib_images: int = 128,
-                 learn: bool = True, share: bool = True, learn_weight_scales: bool | None = None):
+                 learn: bool = True, share: bool = True, learn_weight_scales: bool | None = None,
+                 edge_bits: int | None = 8):
         self.weight_bits = int(weight_bits or bits)
         self.act_bits = int(act_bits or bits)
         self.exclude = list(exclude)
         self.layer_bits = dict(layer_bits or {})
+        self.edge_bits = edge_bits
         self.calibrator = calibrator
         self.calib_batches = calib_batches
         self.calib_images = calib_images
@@ -60,7 +62,8 @@ class QuantizationAwareTraining(Method):
 
     def prepare(self, model: nn.Module) -> bool:
         with without_training_modules(model):  # distillation adapters stay float, whatever the method order
-            info = quantize_model(model, self.weight_bits, self.act_bits, self.exclude, self.layer_bits, self.share)
+            info = quantize_model(model, self.weight_bits, self.act_bits, self.exclude, self.layer_bits, self.share,
+                                  self.edge_bits)
         if not self.learn:
             for q in quantizers(model):
                 q.learn = False
@@ -71,7 +74,8 @@ class QuantizationAwareTraining(Method):
             if not (self.learn and learn_w):  # the range follows the weight itself (see the module docstring)
                 q.learn = False
                 q.scale.requires_grad_(False)
-        self.summary = {"quantized": info["quantized"], "excluded": info["excluded"]}
+        self.summary = {"quantized": info["quantized"], "excluded": info["excluded"],
+                        "edge_layers": info.get("edge_layers", [])}
         return bool(info["changed"])
 
     def attach(self, trainer: Any) -> None:
