@@ -93,7 +93,7 @@ def quantize_model(model: nn.Module, w_bits: int = 8, a_bits: int = 8, exclude: 
                 "changed": False}
     validate_exclude(model, exclude)
     edges = edge_layers(model) if edge_bits is not None else []
-    quantized, excluded = [], []
+    quantized, excluded, raised = [], [], []
     targets = []
     for name, m in model.named_modules():
         if any(name.startswith(t + ".") for t, _ in targets):
@@ -105,6 +105,8 @@ def quantize_model(model: nn.Module, w_bits: int = 8, a_bits: int = 8, exclude: 
             excluded.append(name)
             continue
         wb, ab = _bits_for(name, (w_bits, a_bits), layer_bits, edges, edge_bits)
+        if name in edges and (wb, ab) != _bits_for(name, (w_bits, a_bits), layer_bits):
+            raised.append(name)
         if isinstance(m, nn.Conv2d):
             q = QConv(m, None, nn.Identity(), wb, ab, name)
         else:
@@ -118,8 +120,6 @@ def quantize_model(model: nn.Module, w_bits: int = 8, a_bits: int = 8, exclude: 
     if share:
         share_quantizers(model)
     model.quant_excluded = excluded
-    raised = [n for n in edges if n in quantized and _bits_for(n, (w_bits, a_bits), layer_bits, edges, edge_bits)
-              != _bits_for(n, (w_bits, a_bits), layer_bits)]
     return {"quantized": quantized, "excluded": excluded, "edge_layers": raised, "changed": True}
 
 
