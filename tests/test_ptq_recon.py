@@ -291,6 +291,36 @@ def test_four_bit_qat_trains_from_the_reconstructed_model(synthetic_data, tiny_d
     assert (tmp_path / "model_w4a8.onnx").exists() and report["lint"] == []
 
 
+@pytest.mark.slow
+def test_qat_trains_on_from_the_ptq_checkpoint_with_the_float_teacher(synthetic_data, tmp_path):
+    from yolocomp.commands.ptq import ptq
+    from yolocomp.commands.qat import qat
+    from yolocomp.integration import load_model, save_model
+
+    float_model = lively_detector()
+    teacher = save_model(float_model, tmp_path / "float.pt")
+    report = ptq(deepcopy(float_model), synthetic_data, tmp_path / "ptq", bits=4, act_bits=8, calib_images=8,
+                 reconstruct=True, recon_iters=5, imgsz=IMGSZ, evaluate=False)
+    start = tmp_path / "ptq" / "quantized.pt"
+    assert report["quantized_pt"] == str(start)
+    loaded = load_model(start).float().eval()
+    x = torch.rand(1, 3, IMGSZ, IMGSZ, generator=torch.Generator().manual_seed(5))
+    y = ort.InferenceSession(report["onnx"], providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})[0]
+    with torch.no_grad():
+        fake, flt = loaded(x)[0].numpy(), float_model.eval()(x)[0].numpy()
+    # the checkpoint holds the exported model (its learned rounding and steps), not the float one
+    assert np.median(np.abs(y - fake)) < 0.3 * np.median(np.abs(fake - flt))
+
+    with pytest.raises(UserError, match="already quantized, so it cannot be its own float teacher; give --teacher"):
+        qat(str(start), synthetic_data, tmp_path / "self", bits=4, act_bits=8)
+    with pytest.raises(UserError, match="holds W4A8 quantizers but W8A8 was asked for; give --weight-bits 4"):
+        qat(str(start), synthetic_data, tmp_path / "bits", bits=8, teacher=str(teacher))
+    trained = qat(str(start), synthetic_data, tmp_path / "qat", bits=4, act_bits=8, teacher=str(teacher),
+                  label_loss=False, epochs=1, imgsz=IMGSZ, batch=8, eval_images=2, export=False)
+    assert "reconstruction" not in trained and trained["start"].startswith("quantized input")
+    assert {"ap_float", "ap_start", "ap_fake_quant"} <= trained.keys()  # float = the teacher, start = the ptq result
+
+
 def test_openvino_refuses_four_bit_activations_with_one_line(float_model, images, tmp_path):
     pytest.importorskip("openvino")
     from yolocomp.export.onnx_qdq import export_onnx

@@ -7,8 +7,9 @@ Rows (``--rows`` picks groups):
                once per QDrop probability (rows ``..._qdrop<p>``), side by side
   mixed        ``ptq --reconstruct --budget-mb`` at each ``--budgets`` share of the INT8 weight bytes (and each
                ``--recon-drops`` value)
-  qat          distilled W4A8 / W4A4 QAT from the reconstructed model, float model as teacher, on coco-real train and
-               ``--images`` (unlabelled), for ``--qat-minutes`` each
+  qat          distilled W4A8 / W4A4 QAT from the reconstructed model (the ``recon`` row of the same bits when it ran
+               in this run, else qat's own), float model as teacher, on coco-real train and ``--images``
+               (unlabelled), for ``--qat-minutes`` each; the AP it started from is in the row
   ultralytics  Ultralytics' ``export(format="onnx", quantize=8)`` and, where openvino + nncf are installed,
                ``export(format="openvino", int8=True)`` (NNCF), both calibrated on coco-real train
 Every file is scored with ``yolocomp.eval.evaluate`` (pycocotools) in ONNX Runtime and, where OpenVINO is installed,
@@ -171,6 +172,8 @@ def main(argv: list[str] | None = None) -> dict:
             path = Path(path)
             row["onnx"] = str(path)
             files[name] = path
+            if rep and "ap_start" in rep:  # QAT: the fake-quant AP it started from
+                row["ap_start_fake_quant"] = rep["ap_start"]["ap"]
             for key in ("lint", "mixed_precision", "reconstruction"):
                 if rep and key in rep:
                     value = rep[key]
@@ -238,14 +241,20 @@ def main(argv: list[str] | None = None) -> dict:
         for tag in [t for t in args.qat_bits.split(",") if t]:
             w, a = bits(tag)
 
-            def run_qat(w=w, a=a, tag=tag):
-                rep = qat(str(weights), data, out / f"qat_{tag}", bits=min(w, a), weight_bits=w, act_bits=a,
-                          epochs=100, imgsz=args.imgsz, batch=16, images=args.images, evaluate_float=False,
-                          eval_images=args.val_images, calib_images=args.calib_images,
-                          recon_iters=args.qat_recon_iters, trainer={"time": args.qat_minutes / 60})
+            # this run's reconstruction row of the same bits is the start, else qat reconstructs first itself
+            start = out / f"ptq_recon_{tag}" / "quantized.pt"
+            start_options = ({"teacher": str(weights), "label_loss": False} if start.exists()
+                             else {"recon_iters": args.qat_recon_iters})
+
+            def run_qat(w=w, a=a, tag=tag, start=start, start_options=start_options):
+                rep = qat(str(start if start.exists() else weights), data, out / f"qat_{tag}", bits=min(w, a),
+                          weight_bits=w, act_bits=a, epochs=100, imgsz=args.imgsz, batch=16, images=args.images,
+                          evaluate_float=False, eval_images=args.val_images, calib_images=args.calib_images,
+                          trainer={"time": args.qat_minutes / 60}, **start_options)
                 return rep["onnx"], rep
 
             add(f"qat_{tag}", run_qat, {"weight_bits": w, "act_bits": a, "qat_minutes": args.qat_minutes,
+                                        "start": str(start) if start.exists() else "qat's own reconstruction",
                                         "data": "coco-real train + --images, float model as teacher"})
     if "ultralytics" in groups:
         from ultralytics import YOLO

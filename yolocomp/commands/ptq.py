@@ -63,7 +63,8 @@ def ptq(model: Any, data: str | Path, out: str | Path, *, imgsz: int = 640, devi
     """Post-training quantization: calibrate on ``calib_images`` images (``images``: a folder or list, else the train
     split) with ``calibrator``; optionally choose per-conv weight bits under ``budget_mb`` and learn the rounding
     and activation steps by block reconstruction (``reconstruct``); export the Q/DQ ONNX (``out/model_int8.onnx``,
-    ``model_w{W}a{A}.onnx``, or ``model_mixed.onnx``), evaluate it and write ``out/report.json`` (with a
+    ``model_w{W}a{A}.onnx``, or ``model_mixed.onnx``) and the fake-quant model (``out/quantized.pt``, a start for
+    ``qat``), evaluate the ONNX and write ``out/report.json`` (with a
     sensitivity table and a suggested plan when ``sensitivity``). ``ort=True`` also writes
     ``out/model_int8_ort.onnx``: the flavour ONNX Runtime runs fast on x86 CPUs (uint8 asymmetric activations,
     integer SiLU; not for TensorRT). ``options`` are :class:`~yolocomp.config.PtqConfig`'s."""
@@ -126,6 +127,11 @@ def ptq(model: Any, data: str | Path, out: str | Path, *, imgsz: int = 640, devi
         report["sensitivity"] = rows
         report["mixed_precision_plan"] = mixed_precision_plan(rows, min(wb, ab))
     report["quantize_seconds"] = round(time.time() - t0, 1)
+    from yolocomp.integration import save_model
+
+    # the fake-quant model itself, so `yolocomp qat --model OUT/quantized.pt` can train on from this result
+    report["quantized_pt"] = str(save_model(qmodel, out / "quantized.pt", extra={"quant": {
+        "weight_bits": wb, "act_bits": ab, "excluded": info["excluded"]}}))
     report.update(export_and_check(qmodel, out, name, data_abs, imgsz, device, cfg.eval_images, evaluate))
     if "ap_onnx" in report:
         report["ap"] = report["ap_onnx"]["ap"]  # the contract's number: AP of the exported file (fraction)

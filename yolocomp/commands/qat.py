@@ -40,6 +40,9 @@ def qat(model: Any, data: str | Path, out: str | Path, *, imgsz: int = 640, devi
     * ``freeze_bn_epoch=0`` freezes BN statistics from the start: the folded weights keep the float model's
       statistics; FQN's schedule of freezing after N epochs is for longer runs.
     * calibration on ``calib_images`` letterboxed train images, like PTQ.
+    * an already quantized ``model`` (``ptq``'s ``quantized.pt``, or a ``qat.pt``) keeps its rounding and step sizes
+      and trains on from them; it needs the float ``teacher`` it came from and the same bits. ``ap_start`` in the
+      report is the AP before training, so what training added shows.
     * unset trainer settings default to :func:`yolocomp.config.qat_train_defaults` (SGD, lr0=1e-4, 1e-3 below
       8 bits, no warmup)."""
     from yolocomp.eval import evaluate as coco_eval
@@ -67,12 +70,16 @@ def qat(model: Any, data: str | Path, out: str | Path, *, imgsz: int = 640, devi
     self_teacher = isinstance(teacher, str) and teacher == "self"
     # read once: the student's start and the self-distillation teacher are copies of the same float model
     loaded = load_model(model) if self_teacher or resume is None else None
-    if self_teacher:
-        from yolocomp.quant.modules import quant_convs
+    from yolocomp.quant.modules import quant_convs
 
+    quantized_start = loaded is not None and bool(quant_convs(loaded))  # e.g. `ptq --reconstruct`'s quantized.pt
+    if quantized_start:
+        check_start_bits(loaded, model, wb, ab)
+        if self_teacher:
+            raise UserError(f"--model {model_name(model)} is already quantized, so it cannot be its own float teacher; "
+                            "give --teacher the float .pt it was quantized from, or --teacher null to train on labels")
+    if self_teacher:
         teacher = deepcopy(loaded).float()  # the caller's model stays untouched
-        if quant_convs(teacher):  # already quantized: no float reference to distil from
-            teacher, self_teacher = None, False
     label_loss = (not self_teacher) if cfg.label_loss is None else cfg.label_loss
     if teacher is not None:  # distillation from a float teacher during QAT (head-output KD unless a Method is given)
         from yolocomp.methods import Method
@@ -93,17 +100,26 @@ def qat(model: Any, data: str | Path, out: str | Path, *, imgsz: int = 640, devi
     report["label_loss"] = bool(label_loss)
     train_overrides = {**qat_train_defaults(wb, ab, cfg.layer_bits), **train_overrides}
     report["train_settings"] = {k: train_overrides[k] for k in sorted(train_overrides)}
+    float_teacher = teacher if teacher is not None and not isinstance(teacher, str) and hasattr(teacher, "names") else loaded
+    if quantized_start:  # the float model is the teacher, not the quantized input
+        float_teacher = (getattr(methods[-1], "load_teacher", lambda: None)() if len(methods) > 1 else None) or loaded
     m = None
     if resume is None:
         m = deepcopy(loaded).float()
         if evaluate and evaluate_float:
-            report["ap_float"] = ap_summary(coco_eval(m, data_abs, imgsz=imgsz, device=device, images=cfg.eval_images),
-                                            **metrics)
+            reference = float_teacher if quantized_start else m
+            if reference is not None:
+                report["ap_float"] = ap_summary(coco_eval(reference, data_abs, imgsz=imgsz, device=device,
+                                                          images=cfg.eval_images), **metrics)
         method.prepare(m)  # so exclusions are validated before training starts
-        if cfg.reconstruct_first():
+        if quantized_start:
+            report["start"] = f"quantized input {model_name(model)} (its rounding and step sizes are kept)"
+        elif cfg.reconstruct_first():
             report["reconstruction"] = _warm_start(m, loaded, cfg, data_abs, imgsz, device)
+        if evaluate:  # what training starts from, so the report shows what QAT itself added
+            report["ap_start"] = ap_summary(coco_eval(m, data_abs, imgsz=imgsz, device=device, images=cfg.eval_images),
+                                            **metrics)
     data_record: dict = {}
-    float_teacher = teacher if teacher is not None and not isinstance(teacher, str) and hasattr(teacher, "names") else loaded
     train_yaml, overrides = kd_training_data(cfg, str(data_abs), float_teacher, work_dir(out), imgsz, device, data_record)
     report["training_data"] = data_record or {"labelled": str(data)}
     result = train(m, train_yaml, methods, project=out, name="train", resume=resume, epochs=cfg.epochs, imgsz=imgsz,
@@ -126,6 +142,19 @@ def qat(model: Any, data: str | Path, out: str | Path, *, imgsz: int = 640, devi
     report["seconds"] = round(time.time() - t0, 1)
     write_quant_report(out, report)
     return report
+
+
+def check_start_bits(qmodel: Any, source: Any, weight_bits: int, act_bits: int) -> None:
+    """A quantized start must hold the bits asked for: QAT keeps its quantizers, so other bits would be a false report."""
+    from collections import Counter
+
+    from yolocomp.quant.modules import quant_convs
+
+    convs = quant_convs(qmodel)
+    held = Counter((c.weight_quant.bits, c.act_quant.bits) for c in convs).most_common(1)[0][0]
+    if held != (weight_bits, act_bits):
+        raise UserError(f"--model {model_name(source)} holds W{held[0]}A{held[1]} quantizers but W{weight_bits}A{act_bits} "
+                        f"was asked for; give --weight-bits {held[0]} --act-bits {held[1]}, or start from the float model")
 
 
 def _warm_start(qmodel: Any, float_model: Any, cfg: Any, data: Path, imgsz: int, device: str) -> dict:
