@@ -39,10 +39,10 @@ def images():
     return [torch.rand(4, 3, IMGSZ, IMGSZ) for _ in range(4)]
 
 
-def _quantized(model, images, w_bits=4, a_bits=8, layer_bits=None):
+def _quantized(model, images, w_bits=4, a_bits=8, layer_bits=None, calibrator="percentile"):
     q = deepcopy(model)
     quantize_model(q, w_bits, a_bits, layer_bits=layer_bits)
-    calibrate(q, images, "percentile", progress=False)
+    calibrate(q, images, calibrator, progress=False)
     return q.eval()
 
 
@@ -125,7 +125,7 @@ def test_bias_correction_gives_the_head_logits_their_float_means(float_model, im
 
 
 # --- exported parity -------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("bits", ["w8a8", "w4a8", "mixed"])
+@pytest.mark.parametrize("bits", ["w8a8", "w4a8", "w4a4", "mixed"])
 def test_exported_onnx_equals_the_fake_quant_model(bits, float_model, images, tmp_path):
     from yolocomp.export.lint import lint_qdq
     from yolocomp.export.onnx_qdq import export_onnx
@@ -134,8 +134,11 @@ def test_exported_onnx_equals_the_fake_quant_model(bits, float_model, images, tm
     if bits == "mixed":
         names = [c.name for c in quant_convs(_quantized(float_model, images[:1]))]
         layer_bits = {n: (8 if i % 3 == 0 else 4, 8) for i, n in enumerate(names)}
-    w = 8 if bits == "w8a8" else 4
-    q = _quantized(float_model, images, w, 8, layer_bits)
+    w, a = 8 if bits == "w8a8" else 4, 4 if bits == "w4a4" else 8
+    q = _quantized(float_model, images, w, a, layer_bits, calibrator="auto")  # auto: mse grids for 4-bit activations
+    if bits == "w4a4":  # SiLU outputs get grids with a few levels below zero, exported as clamped INT8 Q/DQ
+        grids = {c.act_quant.qrange for c in quant_convs(q)}
+        assert any(-8 < qn < 0 for qn, _ in grids) and all(qp - qn == 15 for qn, qp in grids if qp < 100)
     reconstruct_quantized(q, float_model, images, iters=10, progress=False)
     path = export_onnx(q, tmp_path / f"{bits}.onnx", imgsz=IMGSZ)
     assert lint_qdq(path) == []

@@ -131,6 +131,44 @@ def test_auto_calibrator_clips_four_bit_grids_by_mse_and_eight_bit_by_percentile
         choose_range(HistogramObserver(), "auto")
 
 
+def test_four_bit_mse_grid_puts_few_levels_below_zero_for_silu_and_half_for_symmetric_data():
+    from yolocomp.quant.observers import shifted_grid
+
+    torch.manual_seed(0)
+    silu = nn.functional.silu(torch.randn(200000) * 2)
+    errors = {}
+    for signed in (None, True):  # None: calibration chooses the grid; True: the symmetric signed grid, as asked
+        q = Quantizer(4, signed=signed).eval()
+        q.start_observing()
+        q(silu)
+        q.finish_observing("mse")
+        out = q(silu)
+        errors[signed] = float(((out - silu) ** 2).mean())
+        assert out.unique().numel() <= 16
+        if signed is None:
+            qn, qp = q.qrange
+            assert -3 <= qn <= -1 and qp - qn == 15  # one to three of the 16 levels for SiLU's dip to -0.28
+            assert out.min() < 0  # negatives kept, not clipped to 0 (which biases every channel)
+    assert q.qrange == (-8, 7) and q.neg_levels is None  # an explicit sign is kept
+    assert errors[None] < 0.6 * errors[True]
+    obs = HistogramObserver()
+    obs.update(torch.randn(200000))
+    assert shifted_grid(obs, 4)[0] in (7, 8)  # symmetric data: half the levels on either side
+    q = Quantizer(4, signed=None).eval()
+    for method, grid_is_shifted in (("mse", True), ("percentile", False), ("mse", True)):  # recalibration re-decides
+        q.start_observing()
+        q(silu)
+        q.finish_observing(method)
+        assert (q.qrange != (-8, 7)) == grid_is_shifted, method
+    obs, negatives = HistogramObserver(), 0
+    for scale in (1.0, 3.0, 9.0):  # the range grows across batches: the negative counts merge with the rest
+        x = nn.functional.silu(torch.randn(20000) * scale)
+        obs.update(x)
+        negatives += int((x < 0).sum())
+    assert obs.neg_hist.sum() == negatives and (obs.neg_hist <= obs.hist).all()
+    assert obs.neg_hist[obs.edges[:-1] > 0.3].sum() == 0  # SiLU never goes below -0.28
+
+
 def test_activation_sign_is_signed_at_8_bits_and_decided_by_data_below(lively, tmp_path):
     from yolocomp.export.lint import lint_qdq
     from yolocomp.export.onnx_qdq import export_onnx

@@ -187,8 +187,9 @@ def _drop_unused_initializers(model: onnx.ModelProto) -> None:
 
 def to_native_int4(model: onnx.ModelProto) -> onnx.ModelProto:
     """Turn 4-bit-grid Q/DQ in 8-bit containers into INT4 / UINT4 Q/DQ (opset 21): integer weights whose values fit
-    [-8, 7] become INT4 initializers; a Clip to [qn*s, qp*s] right before a Q with a 16-level range is removed and
-    the Q/DQ zero-points become (U)INT4."""
+    [-8, 7] become INT4 initializers; a Clip to [qn*s, qp*s] right before a Q with the range 0..15 or -8..7 is removed
+    and the Q/DQ zero-points become (U)INT4. A shifted activation grid (e.g. -1..14) keeps its Clip and 8-bit
+    container: as UINT4 it would need a zero point, which TensorRT's layout forbids."""
     graph = model.graph
     inits = _initializers(model)
     producers = {o: n for n in graph.node for o in n.output}

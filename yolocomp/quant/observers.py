@@ -16,11 +16,13 @@ from yolocomp.config.ptq import CALIBRATORS  # the option vocabulary is defined 
 
 
 class HistogramObserver:
-    """Histogram of absolute values with a range that grows by powers of two."""
+    """Histogram of absolute values with a range that grows by powers of two; ``neg_hist`` holds the share of each
+    bin that came from negative values (so a grid with few levels below zero can be scored)."""
 
     def __init__(self, bins: int = 2048):
         self.bins = bins
         self.hist = np.zeros(bins, dtype=np.float64)
+        self.neg_hist = np.zeros(bins, dtype=np.float64)
         self.upper = 0.0  # histogram covers [0, upper]
         self.max_value = 0.0
         self.min_value = math.inf
@@ -37,20 +39,30 @@ class HistogramObserver:
         self.count += a.numel()
         if batch_max <= 0:
             self.hist[0] += a.numel()
+            self.neg_hist[0] += (x < 0).sum().item()
             return
         if self.upper == 0.0:
             self.upper = batch_max
         elif batch_max > self.upper:
             factor = 2 ** math.ceil(math.log2(batch_max / self.upper))
-            merged = self.hist.reshape(-1, factor).sum(1) if factor <= self.bins else self.hist.sum(keepdims=True)
-            self.hist = np.zeros(self.bins)
-            self.hist[: merged.size] = merged
+            self.hist, self.neg_hist = (_merged(h, factor) for h in (self.hist, self.neg_hist))
             self.upper *= factor
         self.hist += torch.histc(a, bins=self.bins, min=0.0, max=self.upper).double().cpu().numpy()
+        negative = -x[x < 0]
+        if negative.numel():
+            self.neg_hist += torch.histc(negative, bins=self.bins, min=0.0, max=self.upper).double().cpu().numpy()
 
     @property
     def edges(self) -> np.ndarray:
         return np.linspace(0.0, self.upper, self.bins + 1)
+
+
+def _merged(hist: np.ndarray, factor: int) -> np.ndarray:
+    """``hist`` with every ``factor`` neighbouring bins summed into one, padded back to its length with zeros."""
+    merged = hist.reshape(-1, factor).sum(1) if factor <= hist.size else hist.sum(keepdims=True)
+    out = np.zeros(hist.size)
+    out[: merged.size] = merged
+    return out
 
 
 def range_method(method: str, bits: int) -> str:
@@ -88,6 +100,29 @@ def _mse_threshold(obs: HistogramObserver, levels: int, candidates: int = 200) -
     q = np.clip(np.round(centers[None, :] / steps[:, None]), 0, levels) * steps[:, None]
     err = ((q - centers[None, :]) ** 2 * weights[None, :]).sum(1)
     return float(clips[int(np.argmin(err))])
+
+
+def shifted_grid(obs: HistogramObserver, bits: int, candidates: int = 200) -> tuple[int, float]:
+    """The grid of ``2**bits`` levels ``-z .. 2**bits - 1 - z`` (times the step) and its positive clip that minimise the
+    expected squared error over the histogram: returns ``(z, clip)``. A symmetric signed grid (``z = 2**(bits-1)``)
+    spends half its levels on negatives; SiLU outputs only reach -0.28, so below 8 bits one or two levels there
+    usually leave more for the positive range, while clipping every negative to 0 (``z = 0``) biases each channel."""
+    levels = 2**bits - 1
+    centers = (obs.edges[:-1] + obs.edges[1:]) / 2
+    neg = np.minimum(obs.neg_hist, obs.hist)
+    pos = obs.hist - neg
+    best = (math.inf, 2 ** (bits - 1), obs.max_value)
+    for z in range(2 ** (bits - 1) + 1):
+        top = levels - z  # levels above zero
+        clips = np.linspace(obs.max_value / candidates, obs.max_value, candidates)
+        steps = clips / top
+        q_pos = np.clip(np.round(centers[None, :] / steps[:, None]), 0, top) * steps[:, None]
+        q_neg = np.clip(np.round(centers[None, :] / steps[:, None]), 0, z) * steps[:, None]
+        err = ((q_pos - centers) ** 2 * pos).sum(1) + ((q_neg - centers) ** 2 * neg).sum(1)
+        i = int(np.argmin(err))
+        if err[i] < best[0]:
+            best = (float(err[i]), z, float(clips[i]))
+    return best[1], best[2]
 
 
 def weight_scales(w: torch.Tensor, qp: int, mse: bool = False, candidates: int = 100) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Fake quantizers: symmetric, zero-point 0, 4 or 8 bits, per-tensor (activations) or per-output-channel (weights).
+"""Fake quantizers: zero-point 0, 4 or 8 bits, per-tensor (activations) or per-output-channel (weights); symmetric,
+except that a sub-8-bit activation grid may put fewer levels below zero than above.
 
 Training uses LSQ (Esser et al., "Learned Step Size Quantization"): the step size ``s`` is a parameter, the rounding
 passes gradients straight through, and the gradient of ``s`` is scaled by ``g = 1 / sqrt(N * Qp)``. Evaluation and
@@ -13,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from yolocomp.quant.observers import HistogramObserver, choose_range, range_method, weight_scales
+from yolocomp.quant.observers import HistogramObserver, choose_range, range_method, shifted_grid, weight_scales
 
 
 def qrange(bits: int, signed: bool) -> tuple[int, int]:
@@ -44,8 +45,11 @@ class Quantizer(nn.Module):
 
     ``channels=None``: per-tensor (activations); ``channels=C``: per-channel along axis 0 (weights). ``signed=None``
     decides the sign at calibration: signed at 8 bits (TensorRT's INT8 is signed only; an image then uses 128 of the
-    levels); below 8 bits unsigned when every observed value is >= 0 (images, ReLU outputs), else signed. Every grid
-    is stored in an INT8 container unless 8-bit unsigned is asked for explicitly (UINT8, not for TensorRT).
+    levels); below 8 bits unsigned when every observed value is >= 0 (images, ReLU outputs), else signed, and the
+    ``mse`` calibrator then also chooses how many of the levels lie below zero (``neg_levels``, see
+    :func:`~yolocomp.quant.observers.shifted_grid`). Every grid is stored in an INT8 container with zero point 0
+    (a sub-8-bit grid is a clamp to its levels before the Q/DQ pair) unless 8-bit unsigned is asked for explicitly
+    (UINT8, not for TensorRT).
 
     Modes: ``enabled=False`` passes values through; ``observing=True`` passes through and records statistics for
     calibration; ``learn=False`` learns no step size: a weight quantizer always uses its weight's current range
@@ -66,6 +70,8 @@ class Quantizer(nn.Module):
         self.observing = False
         self.export = False
         self.observer: HistogramObserver | None = None
+        self.sign_from_data = signed is None  # calibration decides the sign (and below 8 bits the grid)
+        self.neg_levels: int | None = None  # below 8 bits: levels under zero, when calibration chose them
         self.drop_prob = 0.0  # QDrop, while a reconstruction fits this quantizer (quant.adaround)
 
     # --- pickling: the observer is calibration-time state only ------------------------------------------------------
@@ -80,11 +86,16 @@ class Quantizer(nn.Module):
 
     @property
     def qrange(self) -> tuple[int, int]:
+        below = getattr(self, "neg_levels", None)  # checkpoints pickled before the shifted grids lack it
+        if below is not None and self.bits < 8:
+            return -below, 2**self.bits - 1 - below
         return qrange(self.bits, self.is_signed)
 
     def extra_repr(self) -> str:
         kind = f"per-channel({self.channels})" if self.channels else "per-tensor"
         sign = "auto" if self.signed is None else ("signed" if self.signed else "unsigned")
+        if getattr(self, "neg_levels", None) is not None and self.bits < 8:
+            sign = f"levels {self.qrange[0]}..{self.qrange[1]}"
         return f"bits={self.bits}, {kind}, {sign}, learn={self.learn}, enabled={self.enabled}"
 
     def step(self) -> torch.Tensor:
@@ -110,12 +121,18 @@ class Quantizer(nn.Module):
         obs = self.observer
         if obs is None or obs.count == 0:
             return  # never reached (e.g. unused branch): keep what it had
+        chose_sign = self.signed is None or getattr(self, "sign_from_data", False)  # not fixed by the caller
         if self.signed is None:
             self.signed = self._sign_for(obs.min_value)
-        qn, qp = self.qrange
-        clip = choose_range(obs, range_method(method, self.bits), levels=qp, **kwargs)
+        method = range_method(method, self.bits)
+        if chose_sign and self.signed and self.bits < 8 and not self.channels and method == "mse":
+            self.neg_levels, clip = shifted_grid(obs, self.bits)
+        else:
+            if chose_sign:  # recalibrated by another method: back to the plain grid of the sign
+                self.neg_levels = None
+            clip = choose_range(obs, method, levels=self.qrange[1], **kwargs)
         with torch.no_grad():
-            self.scale.data.fill_(max(clip, 1e-8) / qp)
+            self.scale.data.fill_(max(clip, 1e-8) / self.qrange[1])
             self.initialized.fill_(1.0)
         self.observer = None
 
