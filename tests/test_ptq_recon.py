@@ -50,7 +50,7 @@ def _quantized(model, images, w_bits=4, a_bits=8, layer_bits=None, calibrator="p
 def reconstructed(float_model, images):
     q = _quantized(float_model, images)
     nearest = deepcopy(q)
-    report = reconstruct_quantized(q, float_model, images, iters=60, progress=False)
+    report = reconstruct_quantized(q, float_model, images, iters=200, progress=False)
     return nearest, q, report
 
 
