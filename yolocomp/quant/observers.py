@@ -16,8 +16,8 @@ from yolocomp.config.ptq import CALIBRATORS  # the option vocabulary is defined 
 
 
 class HistogramObserver:
-    """Histogram of absolute values with a range that grows by powers of two; ``neg_hist`` holds the share of each
-    bin that came from negative values (so a grid with few levels below zero can be scored)."""
+    """Histogram of absolute values with a range that grows by powers of two; ``neg_hist`` counts, on the same bins,
+    the values that were negative (so a grid with few levels below zero can be scored)."""
 
     def __init__(self, bins: int = 2048):
         self.bins = bins
@@ -93,12 +93,8 @@ def choose_range(obs: HistogramObserver, method: str, levels: int = 127, percent
 
 def _mse_threshold(obs: HistogramObserver, levels: int, candidates: int = 200) -> float:
     """The clip minimising the expected squared quantization error over the histogram (bin centres as values)."""
-    centers = (obs.edges[:-1] + obs.edges[1:]) / 2
-    weights = obs.hist
-    clips = np.linspace(obs.max_value / candidates, obs.max_value, candidates)
-    steps = clips / levels
-    q = np.clip(np.round(centers[None, :] / steps[:, None]), 0, levels) * steps[:, None]
-    err = ((q - centers[None, :]) ** 2 * weights[None, :]).sum(1)
+    centers, clips = _centers(obs), _clip_candidates(obs, candidates)
+    err = _grid_errors(centers, obs.hist, clips / levels, levels)
     return float(clips[int(np.argmin(err))])
 
 
@@ -108,21 +104,33 @@ def shifted_grid(obs: HistogramObserver, bits: int, candidates: int = 200) -> tu
     spends half its levels on negatives; SiLU outputs only reach -0.28, so below 8 bits one or two levels there
     usually leave more for the positive range, while clipping every negative to 0 (``z = 0``) biases each channel."""
     levels = 2**bits - 1
-    centers = (obs.edges[:-1] + obs.edges[1:]) / 2
+    centers, clips = _centers(obs), _clip_candidates(obs, candidates)
     neg = np.minimum(obs.neg_hist, obs.hist)
     pos = obs.hist - neg
     best = (math.inf, 2 ** (bits - 1), obs.max_value)
     for z in range(2 ** (bits - 1) + 1):
         top = levels - z  # levels above zero
-        clips = np.linspace(obs.max_value / candidates, obs.max_value, candidates)
         steps = clips / top
-        q_pos = np.clip(np.round(centers[None, :] / steps[:, None]), 0, top) * steps[:, None]
-        q_neg = np.clip(np.round(centers[None, :] / steps[:, None]), 0, z) * steps[:, None]
-        err = ((q_pos - centers) ** 2 * pos).sum(1) + ((q_neg - centers) ** 2 * neg).sum(1)
+        err = _grid_errors(centers, pos, steps, top) + _grid_errors(centers, neg, steps, z)
         i = int(np.argmin(err))
         if err[i] < best[0]:
             best = (float(err[i]), z, float(clips[i]))
     return best[1], best[2]
+
+
+def _centers(obs: HistogramObserver) -> np.ndarray:
+    return (obs.edges[:-1] + obs.edges[1:]) / 2
+
+
+def _clip_candidates(obs: HistogramObserver, candidates: int) -> np.ndarray:
+    return np.linspace(obs.max_value / candidates, obs.max_value, candidates)
+
+
+def _grid_errors(values: np.ndarray, counts: np.ndarray, steps: np.ndarray, levels: int) -> np.ndarray:
+    """Squared error of rounding the magnitudes ``values`` (weighted by ``counts``) onto ``0..levels`` times each of
+    ``steps``: one total per step."""
+    q = np.clip(np.round(values[None, :] / steps[:, None]), 0, levels) * steps[:, None]
+    return ((q - values[None, :]) ** 2 * counts[None, :]).sum(1)
 
 
 def weight_scales(w: torch.Tensor, qp: int, mse: bool = False, candidates: int = 100) -> torch.Tensor:
