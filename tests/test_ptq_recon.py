@@ -13,6 +13,7 @@ import pytest
 import torch
 from test_quant import lively_detector
 
+from yolocomp.config import QAT_TRAIN_DEFAULTS
 from yolocomp.errors import UserError
 from yolocomp.quant.adaround import AdaRound
 from yolocomp.quant.bias_correction import correct_bias
@@ -292,6 +293,11 @@ def test_four_bit_qat_trains_from_the_reconstructed_model(synthetic_data, tiny_d
     assert recon["images"]["fit"] + recon["images"]["held_out"] == 8 and any(b["fitted"] for b in recon["blocks"])
     assert report["teacher"].startswith("self") and report["label_loss"] is False
     assert (tmp_path / "model_w4a8.onnx").exists() and report["lint"] == []
+    # a reconstructed start fine-tunes gently: every layer distilled, no mosaic, the 8-bit lr0 despite 4-bit weights
+    assert "BlockKD" in report["teacher"]
+    assert report["train_settings"]["mosaic"] == 0.0 and report["train_settings"]["lr0"] == QAT_TRAIN_DEFAULTS["lr0"]
+    header = (tmp_path / "train" / "results.csv").read_text().splitlines()[0]
+    assert "kdfeat_loss" in header and "kdcls_loss" in header
 
 
 @pytest.mark.slow
@@ -321,6 +327,7 @@ def test_qat_trains_on_from_the_ptq_checkpoint_with_the_float_teacher(synthetic_
     trained = qat(str(start), synthetic_data, tmp_path / "qat", bits=4, act_bits=8, teacher=str(teacher),
                   label_loss=False, epochs=1, imgsz=IMGSZ, batch=8, eval_images=2, export=False)
     assert "reconstruction" not in trained and trained["start"].startswith("quantized input")
+    assert "BlockKD" in trained["teacher"] and trained["train_settings"]["mosaic"] == 0.0
     assert {"ap_float", "ap_start", "ap_fake_quant"} <= trained.keys()  # float = the teacher, start = the ptq result
 
 

@@ -342,12 +342,24 @@ def test_qat_api_with_teacher_writes_checkpoint_and_report(synthetic_data, tmp_p
 
 
 def test_qat_learning_rate_default_depends_on_the_bit_width():
-    from yolocomp.config import QAT_LOW_BIT_LR0, QAT_TRAIN_DEFAULTS, qat_train_defaults
+    from yolocomp.config import QAT_LOW_BIT_LR0, QAT_RECONSTRUCTED_DEFAULTS, QAT_TRAIN_DEFAULTS, qat_train_defaults
 
     assert qat_train_defaults(8, 8) == QAT_TRAIN_DEFAULTS
     assert qat_train_defaults(4, 8)["lr0"] == qat_train_defaults(8, 4)["lr0"] == QAT_LOW_BIT_LR0
     assert qat_train_defaults(8, 8, {"model.0": (4, 8)})["lr0"] == QAT_LOW_BIT_LR0
     assert qat_train_defaults(8, 8, {"model.0": 8})["optimizer"] == "SGD"
+    # a reconstructed start is already close to the float model: the 8-bit lr0 and no mosaic at any bit width
+    assert qat_train_defaults(4, 4, reconstructed=True) == {**QAT_TRAIN_DEFAULTS, **QAT_RECONSTRUCTED_DEFAULTS}
+    assert QAT_RECONSTRUCTED_DEFAULTS["mosaic"] == 0.0 and "lr0" not in QAT_RECONSTRUCTED_DEFAULTS
+
+
+def test_qat_distillation_method_follows_the_start_unless_set():
+    from yolocomp.config import QatConfig
+
+    assert QatConfig().distillation(reconstructed=True) == "block"
+    assert QatConfig().distillation(reconstructed=False) == "logit"
+    assert QatConfig(kd_method="logit").distillation(reconstructed=True) == "logit"
+    assert QatConfig(kd_method="block").distillation(reconstructed=False) == "block"
 
 
 @pytest.mark.slow

@@ -32,11 +32,12 @@ def qat(model: Any, data: str | Path, out: str | Path, *, imgsz: int = 640, devi
 
     The defaults are for what QAT usually is: a short fine-tune of a converged float detector.
 
-    * ``teacher="self"``: head-output distillation (:class:`yolocomp.distill.HeadKD`) from a frozen float copy of
-      ``model``, i.e. the quantized model learns to reproduce its own float outputs; ``label_loss`` (default: off
-      with ``"self"``, on with any other teacher or ``teacher=None``) keeps Ultralytics' box/cls/DFL loss on the
-      labels. On a converged model the label loss of a short fine-tune mostly pulls towards the few training
-      images, while self-distillation only removes quantization error.
+    * ``teacher="self"``: distillation from a frozen float copy of ``model`` (``kd_method``: the head outputs,
+      :class:`yolocomp.distill.HeadKD`; from a reconstructed start every layer's output too,
+      :class:`yolocomp.distill.block_kd.BlockKD`), i.e. the quantized model learns to reproduce its own float outputs;
+      ``label_loss`` (default: off with ``"self"``, on with any other teacher or ``teacher=None``) keeps
+      Ultralytics' box/cls/DFL loss on the labels. On a converged model the label loss of a short fine-tune mostly
+      pulls towards the few training images, while self-distillation only removes quantization error.
     * ``freeze_bn_epoch=0`` freezes BN statistics from the start: the folded weights keep the float model's
       statistics; FQN's schedule of freezing after N epochs is for longer runs.
     * calibration on ``calib_images`` letterboxed train images, like PTQ.
@@ -44,7 +45,7 @@ def qat(model: Any, data: str | Path, out: str | Path, *, imgsz: int = 640, devi
       and trains on from them; it needs the float ``teacher`` it came from and the same bits. ``ap_start`` in the
       report is the AP before training, so what training added shows.
     * unset trainer settings default to :func:`yolocomp.config.qat_train_defaults` (SGD, lr0=1e-4, 1e-3 below
-      8 bits, no warmup)."""
+      8 bits unless the start is reconstructed, no warmup; no mosaic from a reconstructed start)."""
     from yolocomp.eval import evaluate as coco_eval
     from yolocomp.eval.metrics import ap_summary
     from yolocomp.integration import load_model, resolve_data, save_model, train
@@ -80,16 +81,17 @@ def qat(model: Any, data: str | Path, out: str | Path, *, imgsz: int = 640, devi
                             "give --teacher the float .pt it was quantized from, or --teacher null to train on labels")
     if self_teacher:
         teacher = deepcopy(loaded).float()  # the caller's model stays untouched
+    reconstructed = quantized_start or (resume is None and cfg.reconstruct_first())
     label_loss = (not self_teacher) if cfg.label_loss is None else cfg.label_loss
-    if teacher is not None:  # distillation from a float teacher during QAT (head-output KD unless a Method is given)
+    if teacher is not None:  # distillation from a float teacher during QAT (kd_method unless a Method is given)
         from yolocomp.methods import Method
 
         if isinstance(teacher, Method):
             methods.append(teacher)
         else:
-            from yolocomp.distill.head_kd import HeadKD
+            from yolocomp.commands.distill import make_method
 
-            methods.append(HeadKD(teacher))
+            methods.append(make_method(cfg.distillation(reconstructed), teacher))
         report["teacher"] = ("self (float input model): " if self_teacher else "") + repr(methods[-1])
     elif not label_loss:
         raise UserError("label_loss=False needs a teacher (the default teacher='self' distils from the float model)")
@@ -98,7 +100,7 @@ def qat(model: Any, data: str | Path, out: str | Path, *, imgsz: int = 640, devi
         for key in ("box", "cls", "dfl"):
             train_overrides.setdefault(key, 0.0)
     report["label_loss"] = bool(label_loss)
-    train_overrides = {**qat_train_defaults(wb, ab, cfg.layer_bits), **train_overrides}
+    train_overrides = {**qat_train_defaults(wb, ab, cfg.layer_bits, reconstructed), **train_overrides}
     report["train_settings"] = {k: train_overrides[k] for k in sorted(train_overrides)}
     float_teacher = teacher if teacher is not None and not isinstance(teacher, str) and hasattr(teacher, "names") else loaded
     if quantized_start:  # the float model is the teacher, not the quantized input

@@ -10,7 +10,14 @@ from yolocomp.config.eval import EvalConfig
 from yolocomp.config.export import ExportConfig
 from yolocomp.config.prune import PRUNE_METHODS, PruneConfig
 from yolocomp.config.ptq import CALIBRATORS, PtqConfig
-from yolocomp.config.qat import QAT_LOW_BIT_LR0, QAT_TRAIN_DEFAULTS, QatConfig, qat_train_defaults
+from yolocomp.config.qat import (
+    QAT_KD_METHODS,
+    QAT_LOW_BIT_LR0,
+    QAT_RECONSTRUCTED_DEFAULTS,
+    QAT_TRAIN_DEFAULTS,
+    QatConfig,
+    qat_train_defaults,
+)
 from yolocomp.config.train import TrainConfig, TrainingOptions
 
 #: Stage name -> its config class, in the order ``yolocomp run`` chains the model-producing ones.
@@ -26,7 +33,8 @@ STAGE_CONFIGS: dict[str, type] = {
 }
 
 __all__ = [
-    "CALIBRATORS", "DISTILL_METHODS", "PRUNE_METHODS", "QAT_LOW_BIT_LR0", "QAT_TRAIN_DEFAULTS", "STAGE_CONFIGS",
+    "CALIBRATORS", "DISTILL_METHODS", "PRUNE_METHODS", "QAT_KD_METHODS", "QAT_LOW_BIT_LR0", "QAT_RECONSTRUCTED_DEFAULTS",
+    "QAT_TRAIN_DEFAULTS", "STAGE_CONFIGS",
     "BenchConfig", "DistillConfig", "EvalConfig", "ExportConfig", "PruneConfig", "PtqConfig", "QatConfig",
     "TrainConfig", "TrainingOptions", "qat_train_defaults",
 ]

@@ -5,7 +5,9 @@ label loss; SGD, because Ultralytics' ``auto`` picks AdamW for short runs, whose
 weight, BN parameter and step size at once; lr0 1e-4, because Ultralytics clips the gradient norm to 10 and a
 detector's norm is far above that, so each SGD step has norm lr0·10; no warm-up, which would ramp the bias lr far
 above a fine-tune's; a larger lr0 below 8 bits, where the model starts far from its float outputs; BN frozen from
-the start so the folded weights keep the float statistics.
+the start so the folded weights keep the float statistics. From a reconstructed start (learned rounding and step
+sizes, already close to the float outputs) the fine-tune is gentler: block KD (every layer's output error, not only
+the head's), lr0 1e-4 at any bit width, and no mosaic, so training sees whole letterboxed images as evaluation does.
 """
 
 from __future__ import annotations
@@ -22,9 +24,19 @@ QAT_TRAIN_DEFAULTS: dict[str, Any] = {"optimizer": "SGD", "lr0": 1e-4, "warmup_e
 QAT_LOW_BIT_LR0 = 1e-3
 
 
-def qat_train_defaults(weight_bits: int = 8, act_bits: int = 8, layer_bits: dict | None = None) -> dict[str, Any]:
-    """The Ultralytics settings ``qat`` uses unless given: :data:`QAT_TRAIN_DEFAULTS`, with lr0
-    :data:`QAT_LOW_BIT_LR0` when the weights, activations or any ``layer_bits`` entry use fewer than 8 bits."""
+#: what a reconstructed start changes in :data:`QAT_TRAIN_DEFAULTS`: no mosaic (lr0 stays 1e-4 at any bit width)
+QAT_RECONSTRUCTED_DEFAULTS: dict[str, Any] = {"mosaic": 0.0, "close_mosaic": 0}
+#: distillation methods of ``kd_method`` (``auto``: block from a reconstructed start, else logit)
+QAT_KD_METHODS = ("auto", "block", "logit")
+
+
+def qat_train_defaults(weight_bits: int = 8, act_bits: int = 8, layer_bits: dict | None = None,
+                       reconstructed: bool = False) -> dict[str, Any]:
+    """The Ultralytics settings ``qat`` uses unless given: :data:`QAT_TRAIN_DEFAULTS`; from a ``reconstructed``
+    start also :data:`QAT_RECONSTRUCTED_DEFAULTS`, otherwise lr0 :data:`QAT_LOW_BIT_LR0` when the weights,
+    activations or any ``layer_bits`` entry use fewer than 8 bits."""
+    if reconstructed:
+        return {**QAT_TRAIN_DEFAULTS, **QAT_RECONSTRUCTED_DEFAULTS}
     return {**QAT_TRAIN_DEFAULTS, **({"lr0": QAT_LOW_BIT_LR0} if min(used_bits(weight_bits, act_bits, layer_bits)) < 8
                                      else {})}
 
@@ -48,6 +60,9 @@ class QatConfig(TrainingOptions):
                                 metavar="LAYER")
     teacher: str | None = option("self", "'self' distils from the float input model, a .pt from that model; null trains "
                                  "on the labels only", hint="use self, a teacher checkpoint path, or null")
+    kd_method: str = option("auto", "distillation from the teacher: block (every layer's output + head outputs) or "
+                            "logit (head outputs); auto: block from a reconstructed or quantized start, else logit",
+                            hint="use auto, block or logit", choices=QAT_KD_METHODS)
     label_loss: bool | None = option(None, "keep the detection loss on the labels (unset: off with teacher 'self')",
                                      hint="use true or false")
     images: str | None = option(None, "unlabelled images (folder or .txt list) to train on beside --data; the teacher "
@@ -82,6 +97,12 @@ class QatConfig(TrainingOptions):
 
     def qdrop(self) -> float:
         return reconstruction_drop(self.recon_drop, self.bit_widths()[1], self.layer_bits)
+
+    def distillation(self, reconstructed: bool) -> str:
+        """The ``kd_method`` in use: as set, else block from a ``reconstructed`` start and logit otherwise."""
+        if self.kd_method != "auto":
+            return self.kd_method
+        return "block" if reconstructed else "logit"
 
     def reconstruct_first(self) -> bool:
         """Whether the model starts from block-reconstruction PTQ: as set, else whenever any layer is below 8 bits."""
