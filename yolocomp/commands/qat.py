@@ -81,7 +81,8 @@ def qat(model: Any, data: str | Path, out: str | Path, *, imgsz: int = 640, devi
                             "give --teacher the float .pt it was quantized from, or --teacher null to train on labels")
     if self_teacher:
         teacher = deepcopy(loaded).float()  # the caller's model stays untouched
-    reconstructed = quantized_start or (resume is None and cfg.reconstruct_first())
+    # how the training run started, also when resuming it: a resumed run keeps its distillation and settings
+    reconstructed = quantized_start or cfg.reconstruct_first()
     label_loss = (not self_teacher) if cfg.label_loss is None else cfg.label_loss
     if teacher is not None:  # distillation from a float teacher during QAT (kd_method unless a Method is given)
         from yolocomp.methods import Method
@@ -116,7 +117,7 @@ def qat(model: Any, data: str | Path, out: str | Path, *, imgsz: int = 640, devi
         method.prepare(m)  # so exclusions are validated before training starts
         if quantized_start:
             report["start"] = f"quantized input {model_name(model)} (its rounding and step sizes are kept)"
-        elif cfg.reconstruct_first():
+        elif reconstructed:
             report["reconstruction"] = _warm_start(m, loaded, cfg, data_abs, imgsz, device)
         if evaluate:  # what training starts from, so the report shows what QAT itself added
             report["ap_start"] = ap_summary(coco_eval(m, data_abs, imgsz=imgsz, device=device, images=cfg.eval_images),
