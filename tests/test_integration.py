@@ -82,6 +82,32 @@ def test_extra_loss_columns_and_step_hook(tiny_data, tmp_path):
     assert Path(result.best).exists() and Path(result.last).exists()
 
 
+def test_train_keeps_the_last_checkpoint_unless_best_is_asked(tiny_data, tmp_path, monkeypatch):
+    from ultralytics.nn.tasks import load_checkpoint
+
+    from yolocomp.integration.trainer import CompressionTrainer
+
+    validate = CompressionTrainer.validate
+
+    def falling_fitness(self):  # epoch 0 scores best, so best.pt and last.pt hold different weights
+        metrics, _ = validate(self)
+        self.best_fitness = 1.0
+        return metrics, 1.0 / (self.epoch + 1)
+
+    monkeypatch.setattr(CompressionTrainer, "validate", falling_fitness)
+    args = {**TRAIN_ARGS, "epochs": 2, "val": True, "lr0": 0.1}
+    kept = {}
+    for keep in ("last", "best"):
+        torch.manual_seed(0)
+        result = train(load_model("yolov8n.yaml", nc=3), str(tiny_data), [], tmp_path, keep, keep=keep, **args)
+        kept[keep] = result.model.state_dict()
+        on_disk = load_checkpoint(result.last if keep == "last" else result.best)[0].state_dict()
+        assert all(torch.equal(kept[keep][k].float(), v.float()) for k, v in on_disk.items())
+    assert not all(torch.equal(kept["last"][k], v) for k, v in kept["best"].items())
+    with pytest.raises(UserError, match="keep='last' or keep='best'"):
+        train(load_model("yolov8n.yaml", nc=3), str(tiny_data), [], tmp_path, "bad", keep="first", **TRAIN_ARGS)
+
+
 def test_structural_change_reaches_optimizer_and_ema(tiny_data, tmp_path):
     from ultralytics import YOLO
 

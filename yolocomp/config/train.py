@@ -20,12 +20,17 @@ class TrainingOptions:
     workers: int = option(0, "dataloader workers", hint="use a worker count such as 2", check=non_negative)
     optimizer: str | None = option(None, "Ultralytics optimizer (SGD, AdamW, auto; unset: the stage decides)",
                                    hint="use an Ultralytics optimizer name such as SGD")
+    keep: str = option("last", "checkpoint a training stage hands on: last (where the budget ends) or best "
+                       "(Ultralytics' pick by fitness on the data yaml's val split, so chosen on those images)",
+                       hint="use last or best", choices=("last", "best"))
     trainer: dict = option({}, "more Ultralytics trainer arguments, e.g. {warmup_epochs: 0, mosaic: 0.0}", cli=False,
                            hint="use a mapping of Ultralytics train arguments such as {warmup_epochs: 0}")
 
     def trainer_overrides(self) -> dict:
-        """The training options that are set, as Ultralytics trainer arguments."""
-        return {**self.trainer, **{k: getattr(self, k) for k in TRAINER_KEYS if getattr(self, k) is not None}}
+        """The training options that are set, as arguments of ``yolocomp.integration.train`` (Ultralytics' trainer
+        arguments plus ``keep``)."""
+        return {**self.trainer, **{k: getattr(self, k) for k in TRAINER_KEYS if getattr(self, k) is not None},
+                "keep": self.keep}
 
 
 @dataclass

@@ -86,7 +86,7 @@ def _drop_rows_after_checkpoint(last: Path) -> None:
 
 @dataclass
 class TrainResult:
-    model: nn.Module  #: best checkpoint's model after every method's ``finalize``
+    model: nn.Module  #: the kept checkpoint's model (``keep``: last or best) after every method's ``finalize``
     save_dir: Path
     best: Path
     last: Path
@@ -100,12 +100,18 @@ def train(
     project: str | Path,
     name: str,
     resume: str | Path | None = None,
+    keep: str = "last",
     **overrides: Any,
 ) -> TrainResult:
-    """Train ``model`` (or resume ``resume``) with ``methods`` attached, then finalize the best checkpoint."""
+    """Train ``model`` (or resume ``resume``) with ``methods`` attached, then finalize the kept checkpoint.
+
+    ``keep="last"`` hands on the model where the budget ends; ``"best"`` the one Ultralytics picks by its fitness on
+    the data yaml's val split, which selects on the images a report may then evaluate on."""
     from ultralytics.nn.tasks import load_checkpoint
     from ultralytics.utils import callbacks as ul_callbacks
 
+    if keep not in ("last", "best"):
+        raise UserError(f"keep={keep!r} is not a checkpoint choice; use keep='last' or keep='best'")
     if resume is None and _RESUME_INTERRUPTED.get():
         last = Path(project) / name / "weights" / "last.pt"
         if last.exists() and is_resumable(last):
@@ -136,8 +142,8 @@ def train(
         trainer = CompressionTrainer(overrides=args, _callbacks=cbs)
         trainer.model = model
     trainer.train()
-    best = trainer.best if trainer.best.exists() else trainer.last
-    trained, _ = load_checkpoint(best)
+    kept = trainer.best if keep == "best" and trainer.best.exists() else trainer.last
+    trained, _ = load_checkpoint(kept)
     return TrainResult(
         model=hub.finalize(trained),
         save_dir=Path(trainer.save_dir),
