@@ -69,3 +69,15 @@ def test_run_with_missing_data_exit_2(tmp_path, capsys):
     recipe.write_text("model: yolov8n.yaml\ndata: nowhere/data.yaml\nstages: {train: {epochs: 1}}\n")
     assert main(["run", str(recipe), "--out", str(tmp_path / "run")]) == 2
     assert "data = nowhere/data.yaml not found" in _error_lines(capsys)[0]
+
+
+def test_summary_lists_every_ap_of_a_report_with_a_top_level_ap():
+    from yolocomp.cli import _summary_rows
+
+    ap = {"ap": 0.30, "ap50": 0.44, "ap75": 0.33}
+    report = {"ap": 0.28, "ap_float": ap, "ap_onnx": {**ap, "ap": 0.28}, "reconstruction": {
+        "head_error": {"before": 0.12, "after": 0.05}}}
+    rows = _summary_rows(report)
+    assert [r["figure"] for r in rows if "ap" in r] == ["ap_float", "ap_onnx"]
+    assert rows[0]["ap50"] == 0.44 and rows[1]["ap"] == 0.28
+    assert {"figure": "reconstruction.head_error", "before": 0.12, "after": 0.05} in rows

@@ -176,6 +176,38 @@ def test_weight_bit_plan_respects_the_budget_and_raises_the_sensitive_convs(floa
         weight_bit_plan(q, rows, low - 10)
 
 
+def test_head_kd_sensitivity_weighs_confident_anchors_and_ignores_box_position(float_model, images):
+    from yolocomp.quant.sensitivity import _distance, _head_kd_distance
+
+    torch.manual_seed(1)
+    scores = torch.full((1, 3, 2), -6.0)
+    scores[0, 0, 0] = 4.0  # anchor 0 holds an object, anchor 1 is background
+    bins = torch.randn(1, 4 * 16, 2)
+    ref = [{"scores": scores, "boxes": bins}]
+
+    def moved(anchor):
+        b = bins.clone()
+        b[0, :16, anchor] += torch.linspace(-1, 1, 16)
+        return [{"scores": scores, "boxes": b}]
+
+    assert _head_kd_distance(ref, ref, 16) == 0.0
+    on_object, on_background = _head_kd_distance(ref, moved(0), 16), _head_kd_distance(ref, moved(1), 16)
+    assert on_object > 50 * on_background > 0
+    # the decoded-output distance sees a 2-pixel shift of the same box as 10x smaller when the box sits 10x farther out
+    near, far = torch.tensor([[[10.0], [10.0], [4.0], [4.0], [0.9]]]), torch.tensor([[[100.0], [100.0], [4.0], [4.0], [0.9]]])
+    shift = torch.tensor([[[2.0], [0.0], [0.0], [0.0], [0.0]]])
+    assert _distance([far], [far + shift]) < 0.2 * _distance([near], [near + shift])
+
+    q = _quantized(float_model, images, 4, 8)
+    rows = layer_sensitivity(q, images[:1], progress=False, part="weight", metric="head_kd")
+    per_conv = rows[1:]
+    assert rows[0]["layer"] == "<all>" and len(per_conv) == len(quant_convs(q))
+    assert [r["output_error"] for r in per_conv] == sorted((r["output_error"] for r in per_conv), reverse=True)
+    assert per_conv[0]["output_error"] > 0 and per_conv[-1]["output_error"] >= 0
+    with pytest.raises(ValueError, match="use output or head_kd"):
+        layer_sensitivity(q, images[:1], progress=False, metric="loss")
+
+
 # --- streaming calibration -------------------------------------------------------------------------------------------
 def test_streamed_histogram_gives_the_ranges_of_all_values_at_once():
     torch.manual_seed(0)

@@ -125,7 +125,7 @@ def _summary_rows(report: dict) -> list[dict]:
         if {"before", "after"} <= set(value) and not isinstance(value["before"], (dict, list)):
             rows.append({"figure": path, "before": value["before"], "after": value["after"]})
             return
-        if isinstance(value.get("ap"), float):
+        if path and isinstance(value.get("ap"), float):  # a report's own top-level `ap` repeats one of its rows
             rows.append({"figure": path, "ap": value["ap"], "ap50": value.get("ap50"), "ap75": value.get("ap75")})
             return
         for key, child in value.items():

@@ -44,7 +44,7 @@ def mixed_plan(float_model: Any, cfg: PtqConfig, batches: list, act_bits: int, d
     quantize_model(probe, 4, act_bits, exclude=layer_refs(cfg.exclude))
     calibrate(probe, batches, cfg.calibrator, device=device, progress=False)
     rows = layer_sensitivity(probe, batches[: max(1, cfg.sensitivity_images // max(1, len(batches[0])))],
-                             part="weight")
+                             part="weight", metric=cfg.sensitivity_metric)
     return weight_bit_plan(probe, rows, cfg.budget_mb * 1e6)
 
 
@@ -123,7 +123,7 @@ def ptq(model: Any, data: str | Path, out: str | Path, *, imgsz: int = 640, devi
         from yolocomp.quant.sensitivity import layer_sensitivity, mixed_precision_plan
 
         probe = batches[: max(1, cfg.sensitivity_images // cfg.batch)]
-        rows = layer_sensitivity(qmodel, probe)
+        rows = layer_sensitivity(qmodel, probe, metric=cfg.sensitivity_metric)
         report["sensitivity"] = rows
         report["mixed_precision_plan"] = mixed_precision_plan(rows, min(wb, ab))
     report["quantize_seconds"] = round(time.time() - t0, 1)

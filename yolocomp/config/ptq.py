@@ -8,6 +8,8 @@ from yolocomp.config.options import one_of, option, positive, probability, valid
 
 #: ``auto``: percentile for 8-bit activation grids, mse for coarser ones (a 4-bit grid cannot afford the outliers)
 CALIBRATORS = ("auto", "minmax", "percentile", "mse")
+#: distances of the per-conv sensitivity analysis (``yolocomp.quant.sensitivity.layer_sensitivity``)
+SENSITIVITY_METRICS = ("head_kd", "output")
 
 
 #: QDrop probability of the reconstruction when some activations are below 8 bits; at 8 bits it is off (both measured
@@ -72,6 +74,10 @@ class PtqConfig:
     sensitivity: bool = option(False, "per-layer sensitivity analysis and a suggested mixed-precision plan",
                                hint="use true or false")
     sensitivity_images: int = option(8, "images for the sensitivity analysis", hint="use a number such as 8", check=positive)
+    sensitivity_metric: str = option("head_kd", "how far one quantized conv moves the detector: head_kd (class and "
+                                     "box-bin divergence of the raw head outputs, weighted by the float model's "
+                                     "confidence) or output (relative error of the decoded scores and pixel boxes)",
+                                     hint="use head_kd or output", choices=SENSITIVITY_METRICS)
     ort: bool = option(False, "also write model_int8_ort.onnx: integer conv+SiLU chains for ONNX Runtime CPU (not for "
                        "TensorRT)", hint="use true to also write the ONNX Runtime integer flavour")
     batch: int = option(8, "calibration batch size", hint="use a batch size such as 8", check=positive)

@@ -4,6 +4,7 @@ suggest a mixed-precision plan that keeps the most sensitive layers at higher pr
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -13,28 +14,57 @@ from yolocomp.quant.modules import quant_convs, quantizers
 
 
 @torch.no_grad()
-def _outputs(model: nn.Module, batches: list[torch.Tensor]) -> list[torch.Tensor]:
-    outs = []
-    for x in batches:
-        y = model(x)
-        outs.append((y[0] if isinstance(y, (list, tuple)) else y).float())
-    return outs
+def _outputs(model: nn.Module, batches: list[torch.Tensor]) -> list:
+    return [model(x) for x in batches]
 
 
-def _distance(ref: list[torch.Tensor], out: list[torch.Tensor], nbox: int = 4) -> float:
-    """Output change: relative L2 error of class scores plus of boxes (each normalised by its float norm)."""
+def _decoded(y: Any) -> torch.Tensor:
+    return (y[0] if isinstance(y, (list, tuple)) else y).float()
+
+
+def _distance(ref: list, out: list, nbox: int = 4) -> float:
+    """Output change: relative L2 error of the decoded class scores plus of the decoded boxes (each normalised by
+    its float norm)."""
     err = 0.0
     for r, o in zip(ref, out):
+        r, o = _decoded(r), _decoded(o)
         for sl in (slice(0, nbox), slice(nbox, None)):
             err += ((o[:, sl] - r[:, sl]).norm() / r[:, sl].norm().clamp_min(1e-12)).item()
     return err / len(ref)
 
 
+def _head_kd_distance(ref: list, out: list, reg_max: int) -> float:
+    """Output change as head KD measures it (T 1): class KL plus box-distribution KL per anchor, weighted by the
+    float model's confidence. Decoded boxes are pixel positions, so their relative error hides a shift of a few
+    pixels; the box-bin distributions do not depend on where the box is."""
+    from yolocomp.distill.head_kd import head_kd_terms, head_outputs
+
+    err = 0.0
+    for r, o in zip(ref, out):
+        terms = head_kd_terms(head_outputs(o), head_outputs(r), reg_max, 1.0)
+        err += float(terms["cls"] + terms["dfl"])
+    return err / len(ref)
+
+
+def _significant(value: float) -> float:
+    return float(f"{value:.6g}")  # KL divergences of 8-bit changes are far below 1e-6, so not decimal places
+
+
 @torch.no_grad()
 def layer_sensitivity(model: nn.Module, batches: list[torch.Tensor], progress: bool = True,
-                      part: str = "both") -> list[dict]:
+                      part: str = "both", metric: str = "head_kd") -> list[dict]:
     """For a calibrated quantized model: the output change when only one conv is quantized: its input and weight
-    quantizers (``part="both"``), or only its weight (``"weight"``). Sorted most sensitive first."""
+    quantizers (``part="both"``), or only its weight (``"weight"``). ``metric``: ``output`` (relative error of
+    the decoded outputs) or ``head_kd`` (the head-KD divergence of the raw outputs). Sorted most sensitive first."""
+    if metric == "head_kd":
+        reg_max = getattr(model.model[-1], "reg_max", 16)
+
+        def distance(ref: list, out: list) -> float:
+            return _head_kd_distance(ref, out, reg_max)
+    elif metric == "output":
+        distance = _distance
+    else:
+        raise ValueError(f"unknown sensitivity metric {metric!r}; use output or head_kd")
     model.eval()
     qs = quantizers(model)
     state = {id(q): q.enabled for q in qs}
@@ -47,18 +77,18 @@ def layer_sensitivity(model: nn.Module, batches: list[torch.Tensor], progress: b
             conv.weight_quant.enabled = True
             conv.act_quant.enabled = part == "both"
             rows.append({"layer": conv.name, "w_bits": conv.weight_quant.bits, "a_bits": conv.act_quant.bits,
-                         "output_error": round(_distance(ref, _outputs(model, batches)), 6)})
+                         "output_error": _significant(distance(ref, _outputs(model, batches)))})
             conv.act_quant.enabled = conv.weight_quant.enabled = False
         for q in qs:
             q.enabled = True
-        rows_all = _distance(ref, _outputs(model, batches))
+        rows_all = distance(ref, _outputs(model, batches))
     finally:
         for q in qs:
             q.enabled = state[id(q)]
     rows.sort(key=lambda r: -r["output_error"])
     for r in rows:
         r["share"] = round(r["output_error"] / max(sum(x["output_error"] for x in rows), 1e-12), 4)
-    return [{"layer": "<all>", "output_error": round(rows_all, 6)}, *rows]
+    return [{"layer": "<all>", "output_error": _significant(rows_all)}, *rows]
 
 
 def mixed_precision_plan(rows: list[dict], bits: int, keep: float = 0.1) -> dict:
@@ -111,7 +141,7 @@ def weight_bit_plan(model: nn.Module, rows: list[dict], budget_bytes: float, low
             bits[name] = high
             used += extra
     table = [{"layer": n, "weight_bits": b, "weight_kb": round(weight_bytes(convs[n], b) / 1e3, 2),
-              "output_error_at_low": round(error.get(n, 0.0), 6)} for n, b in bits.items()]
+              "output_error_at_low": _significant(error.get(n, 0.0))} for n, b in bits.items()]
     return {"weight_bits": bits, "weight_mb": round(used / 1e6, 4), "budget_mb": round(budget_bytes / 1e6, 4),
             f"all_{low}bit_mb": round(low_total / 1e6, 4), f"all_{high}bit_mb": round(high_total / 1e6, 4),
             "layers_high": sum(b == high for b in bits.values()), "layers": len(bits), "table": table}
