@@ -103,6 +103,11 @@ def test_train_keeps_the_last_checkpoint_unless_best_is_asked(tiny_data, tmp_pat
         kept[keep] = result.model.state_dict()
         on_disk = load_checkpoint(result.last if keep == "last" else result.best)[0].state_dict()
         assert all(torch.equal(kept[keep][k].float(), v.float()) for k, v in on_disk.items())
+        if keep == "last":  # the metrics are the last epoch's, not those final_eval measures on best.pt
+            lines = (result.save_dir / "results.csv").read_text().splitlines()
+            row = dict(zip(lines[0].split(","), lines[-1].split(",")))
+            key = "val/box_loss"  # changes from epoch to epoch, unlike the mAP of a random model
+            assert result.metrics[key] == pytest.approx(float(row[key]), abs=1e-5)
     assert not all(torch.equal(kept["last"][k], v) for k, v in kept["best"].items())
     with pytest.raises(UserError, match="keep='last' or keep='best'"):
         train(load_model("yolov8n.yaml", nc=3), str(tiny_data), [], tmp_path, "bad", keep="first", **TRAIN_ARGS)

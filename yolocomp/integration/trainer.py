@@ -90,7 +90,7 @@ class TrainResult:
     save_dir: Path
     best: Path
     last: Path
-    metrics: dict
+    metrics: dict  #: Ultralytics' validation metrics of the kept checkpoint
 
 
 def train(
@@ -121,6 +121,14 @@ def train(
     cbs = ul_callbacks.get_default_callbacks()
     for event, fn in hub.callbacks().items():
         cbs[event].append(fn)
+    # final_eval replaces trainer.metrics with best.pt's (and reruns on_fit_epoch_end), so note them as last.pt is saved
+    last_epoch_metrics: dict = {}
+
+    def remember_metrics(trainer: Any) -> None:
+        last_epoch_metrics.clear()
+        last_epoch_metrics.update(getattr(trainer, "metrics", None) or {})
+
+    cbs["on_model_save"].append(remember_metrics)
     args = {
         "data": data,
         "project": str(Path(project).resolve()),
@@ -149,5 +157,5 @@ def train(
         save_dir=Path(trainer.save_dir),
         best=Path(trainer.best),
         last=Path(trainer.last),
-        metrics=dict(getattr(trainer, "metrics", {}) or {}),
+        metrics=dict(last_epoch_metrics if keep == "last" else getattr(trainer, "metrics", {}) or {}),
     )
