@@ -125,6 +125,20 @@ def test_bias_correction_gives_the_head_logits_their_float_means(float_model, im
     assert info["convs"] == len(quant_convs(q)) and after < 0.2 * before
 
 
+def test_bias_correction_after_reconstruction_aims_at_the_float_model(float_model, images, reconstructed):
+    _, fitted, _ = reconstructed  # its rounding is baked into the weights: quantizers off is no longer the float model
+    x = torch.cat(images)
+    with torch.no_grad():
+        ref = _raw_head(float_model, x)
+        before = (_raw_head(fitted, x) - ref).mean((0, 2)).abs().mean()
+        with_reference, self_reference = deepcopy(fitted), deepcopy(fitted)
+        correct_bias(with_reference, images, reference=float_model)
+        correct_bias(self_reference, images)
+        aimed = (_raw_head(with_reference, x) - ref).mean((0, 2)).abs().mean()
+        missed = (_raw_head(self_reference, x) - ref).mean((0, 2)).abs().mean()
+    assert aimed < 0.2 * before and aimed < 0.5 * missed
+
+
 # --- exported parity -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("bits", ["w8a8", "w4a8", "w4a4", "mixed"])
 def test_exported_onnx_equals_the_fake_quant_model(bits, float_model, images, tmp_path):
@@ -269,6 +283,7 @@ def test_ptq_reconstruct_on_unlabelled_images_writes_the_contract(synthetic_data
     (["--budget-mb", "0.01"], "--budget-mb 0.01: budget 0.010 MB is below the all-4-bit weights"),
     (["--images", "EMPTY"], "no images found"),
     (["--recon-drop", "1"], "recon_drop = 1.0 is outside [0, 1)"),
+    (["--reconstruct", "--bias-correction"], "--bias-correction with --reconstruct"),
 ])
 def test_bad_ptq_input_is_one_line_and_exit_2(args, message, synthetic_data, tiny_detector, tmp_path):
     import subprocess

@@ -75,6 +75,10 @@ def ptq(model: Any, data: str | Path, out: str | Path, *, imgsz: int = 640, devi
     from yolocomp.quant.convert import quantize_model
 
     cfg = config or stage_config("ptq", options)
+    if cfg.reconstruct and cfg.bias_correction:
+        raise UserError("--bias-correction with --reconstruct: the reconstruction already fits every block's output to "
+                        "the float model, mean included, and shifting biases afterwards breaks that fit "
+                        "(tools/README.md); drop --bias-correction")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data_abs = resolve_data(data, work_dir(out))
@@ -118,7 +122,8 @@ def ptq(model: Any, data: str | Path, out: str | Path, *, imgsz: int = 640, devi
     if cfg.bias_correction:
         from yolocomp.quant.bias_correction import correct_bias
 
-        report["bias_correction"] = correct_bias(qmodel, batches[: max(1, BIAS_CORRECTION_IMAGES // cfg.batch)])
+        report["bias_correction"] = correct_bias(qmodel, batches[: max(1, BIAS_CORRECTION_IMAGES // cfg.batch)],
+                                                  reference=float_model)
     if cfg.sensitivity:
         from yolocomp.quant.sensitivity import layer_sensitivity, mixed_precision_plan
 

@@ -60,7 +60,7 @@ class PtqConfig:
                                       "block is fitted (unset: 0.5 when activations are below 8 bits, else 0)",
                                       check=probability, hint="use a probability such as 0.5, or 0 to turn it off")
     bias_correction: bool = option(False, "shift each conv's bias so its quantized output channels keep the float "
-                                   "means on the calibration images (after reconstruction when both)",
+                                   "means on the calibration images (not with --reconstruct, whose fit it breaks)",
                                    hint="use true or false")
     budget_mb: float | None = option(None, "mixed precision: weight bytes (MB) allowed; the most output-sensitive convs "
                                      "keep 8-bit weights, the rest get 4", check=positive,

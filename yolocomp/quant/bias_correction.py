@@ -52,6 +52,29 @@ def _block_means(block: Block, cache: OutputCache, convs: list[QConv], device: t
     return probe
 
 
+@torch.no_grad()
+def _reference_means(block: Block, cache: OutputCache, convs: list[QConv], reference: nn.Module,
+                     device: torch.device) -> _ChannelMeans:
+    """Pre-activation channel sums of the float convs named like ``convs``, while ``block`` of ``reference`` runs."""
+    probe = _ChannelMeans()
+    handles = []
+    for c in convs:
+        m = reference.get_submodule(c.name)
+        if isinstance(m, nn.Conv2d):  # a bare conv (Detect's output convs)
+            target = m
+        elif isinstance(getattr(m, "bn", None), nn.BatchNorm2d):
+            target = m.bn
+        else:  # Ultralytics Conv fused for inference: the conv carries the folded BN
+            target = m.conv
+        handles.append(target.register_forward_hook(lambda _m, _x, y, c=c: probe(c, y)))
+    try:
+        cache.advance(block, device)
+    finally:
+        for h in handles:
+            h.remove()
+    return probe
+
+
 def _shift(conv: QConv, delta: torch.Tensor) -> None:
     if conv.bn is not None:
         conv.bn.bias.add_(delta.to(conv.bn.bias))
@@ -62,29 +85,37 @@ def _shift(conv: QConv, delta: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def correct_bias(model: nn.Module, batches: Sequence[torch.Tensor]) -> dict:
+def correct_bias(model: nn.Module, batches: Sequence[torch.Tensor], reference: nn.Module | None = None) -> dict:
     """Shift every weight-quantized conv's bias so its quantized output channels have the float model's means over
-    ``batches`` (the same model with its quantizers off is the float reference), block by block and, inside a
-    block, conv by conv. Reports the mean |shift| relative to the mean |float output|, averaged over the convs."""
+    ``batches``, block by block and, inside a block, conv by conv. ``reference``: the float model ``model`` was
+    quantized from; without it the same model with its quantizers off stands in, which is the float model only while
+    no rounding has been written into the weights (block reconstruction bakes its rounding in). Reports the mean
+    |shift| relative to the mean |float output|, averaged over the convs."""
     qs = quantizers(model)
     enabled = {id(q): q.enabled for q in qs}
     device = next(model.parameters()).device
     was = model.training
     model.eval()
     blocks = detector_blocks(model)
+    float_blocks = detector_blocks(reference.eval()) if reference is not None else blocks
+    if len(float_blocks) != len(blocks):
+        raise ValueError(f"reference has {len(float_blocks)} layers, the quantized model {len(blocks)}")
     batches = [b.float() for b in batches]
-    float_cache, quant_cache = OutputCache(batches, blocks), OutputCache(batches, blocks)
+    float_cache, quant_cache = OutputCache(batches, float_blocks), OutputCache(batches, blocks)
     shifts = []
     try:
-        for block in blocks:
+        for block, float_block in zip(blocks, float_blocks):
             convs = [c for c in block.module.modules() if isinstance(c, QConv) and c.weight_quant.enabled]
-            for q in qs:
-                q.enabled = False
-            reference = _block_means(block, float_cache, convs, device, advance=True)  # before this block changes
-            for q in qs:
-                q.enabled = enabled[id(q)]
+            if reference is not None:
+                means = _reference_means(float_block, float_cache, convs, reference, device)
+            else:
+                for q in qs:
+                    q.enabled = False
+                means = _block_means(block, float_cache, convs, device, advance=True)  # before this block changes
+                for q in qs:
+                    q.enabled = enabled[id(q)]
             for c in convs:  # module order: a conv is corrected after the convs feeding it inside the block
-                ref, got = reference.mean(c), _block_means(block, quant_cache, [c], device).mean(c)
+                ref, got = means.mean(c), _block_means(block, quant_cache, [c], device).mean(c)
                 if ref is not None and got is not None:
                     _shift(c, ref - got)
                     shifts.append(float((ref - got).abs().mean() / ref.abs().mean().clamp_min(1e-8)))
