@@ -47,7 +47,7 @@ def _head_kd_distance(ref: list, out: list, reg_max: int) -> float:
 
 
 def _significant(value: float) -> float:
-    return float(f"{value:.6g}")  # KL divergences of 8-bit changes are far below 1e-6, so not decimal places
+    return float(f"{value:.6g}")  # the KL divergence of a small change can fall below 1e-6: keep digits, not places
 
 
 @torch.no_grad()
