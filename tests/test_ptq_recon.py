@@ -218,7 +218,7 @@ def test_head_kd_sensitivity_weighs_confident_anchors_and_ignores_box_position(f
     assert rows[0]["layer"] == "<all>" and len(per_conv) == len(quant_convs(q))
     assert [r["output_error"] for r in per_conv] == sorted((r["output_error"] for r in per_conv), reverse=True)
     assert per_conv[0]["output_error"] > 0 and per_conv[-1]["output_error"] >= 0
-    with pytest.raises(ValueError, match="use output or head_kd"):
+    with pytest.raises(ValueError, match="use head_kd or output"):
         layer_sensitivity(q, images[:1], progress=False, metric="loss")
 
 

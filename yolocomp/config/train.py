@@ -8,6 +8,8 @@ from yolocomp.config.options import non_negative, option, positive, valid_fracti
 
 #: Training options handed to Ultralytics' trainer when set (unset ones leave the stage's or Ultralytics' default).
 TRAINER_KEYS = ("batch", "fraction", "lr0", "workers", "optimizer")
+#: the checkpoint a training stage hands on (``yolocomp.integration.train``'s ``keep``)
+KEEP_CHOICES = ("last", "best")
 
 
 @dataclass
@@ -22,7 +24,7 @@ class TrainingOptions:
                                    hint="use an Ultralytics optimizer name such as SGD")
     keep: str = option("last", "checkpoint a training stage hands on: last (where the budget ends) or best "
                        "(Ultralytics' pick by fitness on the data yaml's val split, so chosen on those images)",
-                       hint="use last or best", choices=("last", "best"))
+                       hint="use last or best", choices=KEEP_CHOICES)
     trainer: dict = option({}, "more Ultralytics trainer arguments, e.g. {warmup_epochs: 0, mosaic: 0.0}", cli=False,
                            hint="use a mapping of Ultralytics train arguments such as {warmup_epochs: 0}")
 

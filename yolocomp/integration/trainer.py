@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from yolocomp.config.train import KEEP_CHOICES
 from yolocomp.errors import UserError, first_line
 from yolocomp.integration.hooks import _WITH_PREPARE, CallbackHub, PrepareBeforeOptimizer, as_training_model
 from yolocomp.methods import Method
@@ -110,7 +111,7 @@ def train(
     from ultralytics.nn.tasks import load_checkpoint
     from ultralytics.utils import callbacks as ul_callbacks
 
-    if keep not in ("last", "best"):
+    if keep not in KEEP_CHOICES:
         raise UserError(f"keep={keep!r} is not a checkpoint choice; use keep='last' or keep='best'")
     if resume is None and _RESUME_INTERRUPTED.get():
         last = Path(project) / name / "weights" / "last.pt"

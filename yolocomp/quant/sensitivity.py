@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from yolocomp.config.ptq import SENSITIVITY_METRICS
 from yolocomp.quant.modules import quant_convs, quantizers
 
 
@@ -64,7 +65,7 @@ def layer_sensitivity(model: nn.Module, batches: list[torch.Tensor], progress: b
     elif metric == "output":
         distance = _distance
     else:
-        raise ValueError(f"unknown sensitivity metric {metric!r}; use output or head_kd")
+        raise ValueError(f"unknown sensitivity metric {metric!r}; use {' or '.join(SENSITIVITY_METRICS)}")
     model.eval()
     qs = quantizers(model)
     state = {id(q): q.enabled for q in qs}
