@@ -284,6 +284,7 @@ def test_ptq_reconstruct_on_unlabelled_images_writes_the_contract(synthetic_data
     (["--images", "EMPTY"], "no images found"),
     (["--recon-drop", "1"], "recon_drop = 1.0 is outside [0, 1)"),
     (["--reconstruct", "--bias-correction"], "--bias-correction with --reconstruct"),
+    (["--ort", "--calibrator", "meanmax"], "--ort with --calibrator meanmax: ONNX Runtime's own calibration has no"),
 ])
 def test_bad_ptq_input_is_one_line_and_exit_2(args, message, synthetic_data, tiny_detector, tmp_path):
     import subprocess

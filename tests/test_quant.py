@@ -113,6 +113,19 @@ def test_calibrators_clip_outliers_and_minmax_does_not():
     assert obs.hist.sum() == pytest.approx(obs.count)
 
 
+def test_meanmax_is_the_mean_over_images_of_each_images_largest_value():
+    torch.manual_seed(0)
+    batches = [torch.randn(4, 3, 32, 32) * (1 + i) for i in range(3)]  # batches of 4 images, growing ranges
+    batches[1][2, 0, 0, 0] = -500.0  # one image with an outlier moves one of the 12 maxima, not the whole range
+    obs = HistogramObserver()
+    for b in batches:
+        obs.update(b)
+    per_image = torch.cat([b.abs().flatten(1).amax(1) for b in batches])
+    assert obs.samples == 12
+    assert choose_range(obs, "meanmax") == pytest.approx(float(per_image.mean()), rel=1e-6)
+    assert choose_range(obs, "percentile") < choose_range(obs, "meanmax") < choose_range(obs, "minmax") == 500.0
+
+
 def test_auto_calibrator_clips_four_bit_grids_by_mse_and_eight_bit_by_percentile():
     torch.manual_seed(0)
     x = torch.randn(50000) * torch.rand(50000).pow(4) * 8  # heavy-tailed, like SiLU outputs

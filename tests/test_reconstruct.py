@@ -106,3 +106,32 @@ def test_relative_error_and_bad_requests(pair):
         reconstruct(student, teacher, torch.rand(4, 3, IMG, IMG), batch_size=8)
     with pytest.raises(UserError, match="fit"):
         reconstruct(student, teacher, torch.rand(16, 3, IMG, IMG), fit="some")
+
+
+def test_large_images_fit_on_a_few_images_of_each_batch_per_iteration(pair, monkeypatch):
+    from copy import deepcopy
+
+    from yolocomp.recon import engine
+    from yolocomp.recon.engine import fit_images
+
+    assert fit_images(8, 320 * 320) == 8 and fit_images(8, 640 * 640) == 2 and fit_images(8, 1280 * 1280) == 1
+    assert fit_images(8, 640 * 640, fit_pixels=None) == 8 and fit_images(4, 64 * 64) == 4
+    teacher, pruned, summary = pair
+    student = deepcopy(pruned)
+    seen: list[tuple[int, bool]] = []
+    run_block = engine.run_block
+
+    def counting(block, inputs):
+        seen.append((inputs[0].shape[0], torch.is_grad_enabled()))
+        return run_block(block, inputs)
+
+    monkeypatch.setattr(engine, "run_block", counting)
+    torch.manual_seed(1)
+    fit, held = torch.rand(16, 3, IMG, IMG), torch.rand(8, 3, IMG, IMG)
+    report = reconstruct(student, teacher, fit, held_out=held, channel_map=summary["kept_channels"], iters=25,
+                         batch_size=8, fit_pixels=2 * IMG * IMG)
+    assert report["settings"]["images_per_iteration"] == 2
+    fitting = [n for n, grad in seen if grad]
+    assert fitting and set(fitting) == {2}  # every fitting step: 2 of the cached batch's 8 images
+    assert {n for n, grad in seen if not grad} == {8}  # checks run on whole batches
+    assert report["head_error"]["after"] < report["head_error"]["before"]

@@ -79,6 +79,11 @@ def ptq(model: Any, data: str | Path, out: str | Path, *, imgsz: int = 640, devi
         raise UserError("--bias-correction with --reconstruct: the reconstruction already fits every block's output to "
                         "the float model, mean included, and shifting biases afterwards breaks that fit "
                         "(tools/README.md); drop --bias-correction")
+    from yolocomp.export.ort_int8 import ORT_CALIBRATORS
+
+    if cfg.ort and cfg.calibrator not in ORT_CALIBRATORS:
+        raise UserError(f"--ort with --calibrator {cfg.calibrator}: ONNX Runtime's own calibration has no "
+                        f"{cfg.calibrator}; use {', '.join(ORT_CALIBRATORS)} with --ort")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data_abs = resolve_data(data, work_dir(out))

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from yolocomp.config.options import one_of, option, positive, probability, valid_bits
 
 #: ``auto``: percentile for 8-bit activation grids, mse for coarser ones (a 4-bit grid cannot afford the outliers)
-CALIBRATORS = ("auto", "minmax", "percentile", "mse")
+CALIBRATORS = ("auto", "minmax", "percentile", "mse", "meanmax")
 #: distances of the per-conv sensitivity analysis (``yolocomp.quant.sensitivity.layer_sensitivity``)
 SENSITIVITY_METRICS = ("head_kd", "output")
 
@@ -44,8 +44,9 @@ def known_calibrator(value: object) -> str | None:
 @dataclass
 class PtqConfig:
     calibrator: str = option("auto", "how activation ranges are set from the calibration images (auto: percentile "
-                             "for 8-bit activations, mse below)",
-                             hint="use auto (the default), percentile, mse or minmax", choices=CALIBRATORS,
+                             "for 8-bit activations, mse below; meanmax: the mean over images of each image's largest "
+                             "value, NNCF's estimator)",
+                             hint="use auto (the default), percentile, mse, minmax or meanmax", choices=CALIBRATORS,
                              check=known_calibrator)
     calib_images: int = option(256, "calibration (and reconstruction) images", check=positive,
                                hint="use a number of calibration images such as 256")

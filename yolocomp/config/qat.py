@@ -74,7 +74,7 @@ class QatConfig(TrainingOptions):
                                        check=valid_ratio)
     calibrator: str = option("auto", "range calibration before training (auto: percentile for 8-bit activations, "
                              "mse below)", choices=CALIBRATORS, check=known_calibrator,
-                             hint="use auto (the default), percentile, mse or minmax")
+                             hint="use auto (the default), percentile, mse, minmax or meanmax")
     calib_images: int = option(128, "calibration images", hint="use a number of images such as 128", check=positive)
     reconstruct: bool | None = option(None, "start from block-reconstruction PTQ (AdaRound + LSQ against the float "
                                       "model) instead of plain calibration (unset: on below 8 bits)",

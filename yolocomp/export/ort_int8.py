@@ -22,7 +22,8 @@ from yolocomp.errors import UserError
 from yolocomp.export.onnx_metadata import stamp
 from yolocomp.export.onnx_qdq import export_onnx, is_quantized
 
-_METHODS = {"auto": "Percentile", "minmax": "MinMax", "percentile": "Percentile", "mse": "Distribution"}  # 8-bit
+#: yolocomp calibrator -> ONNX Runtime CalibrationMethod (8-bit); meanmax has no counterpart there
+ORT_CALIBRATORS = {"auto": "Percentile", "minmax": "MinMax", "percentile": "Percentile", "mse": "Distribution"}
 
 
 class _Reader:
@@ -72,8 +73,8 @@ def export_ort_int8(model: nn.Module, path: str | Path, batches: Iterable[torch.
 
     if is_quantized(model):
         raise UserError("export_ort_int8 needs the float model (it calibrates its own asymmetric ranges)")
-    if calibrator not in _METHODS:
-        raise UserError(f"calibrator {calibrator!r}: choose one of {', '.join(_METHODS)}")
+    if calibrator not in ORT_CALIBRATORS:
+        raise UserError(f"calibrator {calibrator!r}: choose one of {', '.join(ORT_CALIBRATORS)}")
     path = Path(path)
     with tempfile.TemporaryDirectory() as tmp:
         float_path = export_onnx(model, Path(tmp) / "float.onnx", imgsz=imgsz)
@@ -81,7 +82,7 @@ def export_ort_int8(model: nn.Module, path: str | Path, batches: Iterable[torch.
         reader = _Reader(batches)
         quantize_static(str(float_path), str(path), reader, quant_format=QuantFormat.QDQ,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
-                        calibrate_method=getattr(CalibrationMethod, _METHODS[calibrator]),
+                        calibrate_method=getattr(CalibrationMethod, ORT_CALIBRATORS[calibrator]),
                         nodes_to_exclude=exclude, extra_options={"CalibMovingAverage": False,
                                                                 "CalibStridedMinMax": chunk_size(len(reader))})
     return stamp(path, model, imgsz)  # ONNX Runtime's quantizer does not keep the float file's metadata

@@ -28,6 +28,8 @@ class HistogramObserver:
         self.min_value = math.inf
         self.count = 0
         self.ema_max: float | None = None  # EMA of per-batch max |x| (the "EMA observer")
+        self.sample_max_sum = 0.0  # sum over images of each image's max |x| (the "meanmax" range)
+        self.samples = 0
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().float()
@@ -37,6 +39,9 @@ class HistogramObserver:
         self.max_value = max(self.max_value, batch_max)
         self.ema_max = batch_max if self.ema_max is None else 0.9 * self.ema_max + 0.1 * batch_max
         self.count += a.numel()
+        per_image = x.abs().reshape(x.shape[0], -1).amax(1) if x.ndim > 1 else a.max().reshape(1)
+        self.sample_max_sum += per_image.sum().item()
+        self.samples += per_image.numel()
         if batch_max <= 0:
             self.hist[0] += a.numel()
             self.neg_hist[0] += (x < 0).sum().item()
@@ -84,6 +89,8 @@ def choose_range(obs: HistogramObserver, method: str, levels: int = 127, percent
         return obs.max_value
     if method == "ema":
         return float(obs.ema_max or obs.max_value)
+    if method == "meanmax":
+        return float(obs.sample_max_sum / max(obs.samples, 1))
     if method == "percentile":
         cdf = np.cumsum(obs.hist) / obs.hist.sum()
         idx = int(np.searchsorted(cdf, percentile / 100.0))

@@ -31,6 +31,10 @@ from yolocomp.errors import UserError
 from yolocomp.recon.blocks import Block, OutputCache, detector_blocks, run_block
 
 FIT = ("all", "changed")
+#: Image pixels one fitting iteration uses at most: a cached batch of 8 images at 320 px. Larger images fit on a random
+#: subset of the batch's images each iteration, so a 640 px block costs what a 320 px one does instead of 16x more
+#: (its feature maps no longer fit the CPU's caches).
+FIT_PIXELS = 8 * 320 * 320
 
 
 def as_batches(images: torch.Tensor | Iterable[torch.Tensor], batch_size: int) -> list[torch.Tensor]:
@@ -113,8 +117,16 @@ class BlockFit:
         return {"lr": self.lr}
 
 
+def fit_images(batch: int, image_pixels: int, fit_pixels: int | None = FIT_PIXELS) -> int:
+    """Images of a cached batch one fitting iteration uses: all of them up to ``fit_pixels`` image pixels, else as many
+    as fit (at least one). ``fit_pixels`` None: always the whole batch."""
+    if fit_pixels is None:
+        return batch
+    return max(1, min(batch, fit_pixels // max(image_pixels, 1)))
+
+
 def _fit_block(block: Block, cache: OutputCache, targets: list[torch.Tensor], fit_ids: list[int], iters: int,
-               fitter: BlockFit, device: torch.device, gen: torch.Generator) -> dict:
+               fitter: BlockFit, device: torch.device, gen: torch.Generator, per_iter: int) -> dict:
     groups = fitter.begin(block.module)
     params = [p for g in groups for p in g["params"]]
     flags = [p.requires_grad for p in params]
@@ -124,8 +136,12 @@ def _fit_block(block: Block, cache: OutputCache, targets: list[torch.Tensor], fi
     try:
         for it in range(iters):
             b = fit_ids[int(torch.randint(len(fit_ids), (1,), generator=gen))]
-            out = run_block(block, cache.inputs(block, b, device))
-            loss = nn.functional.mse_loss(out, targets[b].to(device)) + fitter.penalty(block.module, out, it / iters)
+            inputs, target = cache.inputs(block, b, device), targets[b].to(device)
+            if per_iter < len(target):
+                pick = torch.randperm(len(target), generator=gen)[:per_iter].to(device)
+                inputs, target = [x.index_select(0, pick) for x in inputs], target.index_select(0, pick)
+            out = run_block(block, inputs)
+            loss = nn.functional.mse_loss(out, target) + fitter.penalty(block.module, out, it / iters)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -176,6 +192,7 @@ def reconstruct(
     store: str | torch.device = "cpu",
     seed: int = 0,
     fitter: BlockFit | None = None,
+    fit_pixels: int | None = FIT_PIXELS,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Fit the student's blocks in place, in order, to the teacher's block outputs; returns the report.
@@ -185,6 +202,7 @@ def reconstruct(
     blocks with parameters (their inputs change when anything upstream changed) or only the ``changed`` ones (other
     shapes than the teacher's). ``store``: where cached feature maps live (``cpu`` keeps GPU memory for the fit).
     ``fitter``: what learns in each block (default :class:`BlockFit`: every float parameter at ``lr``).
+    ``fit_pixels``: image pixels per fitting iteration at most (:data:`FIT_PIXELS`; None: whole cached batches).
     Report: per block ``layer``, ``type``, ``changed``, ``fitted``, ``reverted``, ``error_before`` / ``error_after``
     (relative MSE on the held-out images, kept channels only), and ``head_error`` before / after for the whole model.
     """
@@ -220,6 +238,7 @@ def reconstruct(
     s_cache, t_cache = OutputCache(all_batches, s_blocks, store), OutputCache(all_batches, t_blocks, store)
     gen = torch.Generator().manual_seed(seed)
     fitter = fitter or BlockFit(lr)
+    per_iter = fit_images(max(len(b) for b in batches), batches[0].shape[-2] * batches[0].shape[-1], fit_pixels)
     rows = []
     try:
         for sb, tb in tqdm(list(zip(s_blocks, t_blocks)), desc="reconstruct", disable=not progress, leave=False):
@@ -231,7 +250,7 @@ def reconstruct(
                 row["error_before"] = _block_error(sb, s_cache, targets, held_ids, device)
                 if iters and (fit == "all" or row["changed"]):
                     saved = deepcopy(sb.module.state_dict())
-                    row.update(_fit_block(sb, s_cache, targets, fit_ids, iters, fitter, device, gen))
+                    row.update(_fit_block(sb, s_cache, targets, fit_ids, iters, fitter, device, gen, per_iter))
                     row["fitted"] = True
                     row["error_after"] = _block_error(sb, s_cache, targets, held_ids, device)
                     if row["error_after"] > row["error_before"]:
@@ -252,7 +271,8 @@ def reconstruct(
         "blocks": rows,
         "head_error": {"before": _sig(head_before), "after": _sig(head_after)},
         "images": {"fit": sum(len(b) for b in batches), "held_out": sum(len(b) for b in held)},
-        "settings": {"iters": iters, **fitter.settings(), "batch_size": batch_size, "fit": fit, "recalibrate_bn": recalibrate,
+        "settings": {"iters": iters, **fitter.settings(), "batch_size": batch_size, "images_per_iteration": per_iter,
+                     "fit": fit, "recalibrate_bn": recalibrate,
                      "bn": "eval (running statistics fixed)"},
         "seconds": round(time.perf_counter() - start, 2),
     }
