@@ -39,7 +39,7 @@ class HistogramObserver:
         self.max_value = max(self.max_value, batch_max)
         self.ema_max = batch_max if self.ema_max is None else 0.9 * self.ema_max + 0.1 * batch_max
         self.count += a.numel()
-        per_image = x.abs().reshape(x.shape[0], -1).amax(1) if x.ndim > 1 else a.max().reshape(1)
+        per_image = a.reshape(x.shape[0], -1).amax(1) if x.ndim > 1 else a.max().reshape(1)  # a: |x| flattened
         self.sample_max_sum += per_image.sum().item()
         self.samples += per_image.numel()
         if batch_max <= 0:
