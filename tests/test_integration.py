@@ -211,6 +211,13 @@ def test_resolve_data_writes_absolute_copy(tmp_path):
     bad.write_text("path: ds\n")
     with pytest.raises(UserError, match="needs at least 'val' and 'names'"):
         resolve_data(bad, tmp_path)
+    (tmp_path / "ds" / "images" / "train").mkdir()
+    listed = tmp_path / "listed.yaml"  # Ultralytics also takes a list of folders per split
+    listed.write_text("path: ds\nval: [images/val, images/train]\nnames: {0: a}\n")
+    assert yaml.safe_load(resolve_data(listed, tmp_path / "work2").read_text())["val"] == ["images/val", "images/train"]
+    listed.write_text("path: ds\nval: [images/val, images/missing]\nnames: {0: a}\n")
+    with pytest.raises(UserError, match="val images 'images/missing' of .* not found under"):
+        resolve_data(listed, tmp_path / "work3")
 
 
 class StopAfterFirstEpoch(Method):

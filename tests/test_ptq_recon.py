@@ -40,9 +40,9 @@ def images():
     return [torch.rand(4, 3, IMGSZ, IMGSZ) for _ in range(4)]
 
 
-def _quantized(model, images, w_bits=4, a_bits=8, layer_bits=None, calibrator="percentile"):
+def _quantized(model, images, w_bits=4, a_bits=8, layer_bits=None, calibrator="percentile", act_offset=True):
     q = deepcopy(model)
-    quantize_model(q, w_bits, a_bits, layer_bits=layer_bits)
+    quantize_model(q, w_bits, a_bits, layer_bits=layer_bits, act_offset=act_offset)
     calibrate(q, images, calibrator, progress=False)
     return q.eval()
 
@@ -150,7 +150,10 @@ def test_exported_onnx_equals_the_fake_quant_model(bits, float_model, images, tm
         names = [c.name for c in quant_convs(_quantized(float_model, images[:1]))]
         layer_bits = {n: (8 if i % 3 == 0 else 4, 8) for i, n in enumerate(names)}
     w, a = 8 if bits == "w8a8" else 4, 4 if bits == "w4a4" else 8
-    q = _quantized(float_model, images, w, a, layer_bits, calibrator="auto")  # auto: mse grids for 4-bit activations
+    # auto: mse grids for 4-bit activations; symmetric 8-bit grids, because a shifted one puts most values ~125 steps
+    # from zero, where ONNX Runtime's division and torch's reciprocal multiply round apart far more often (the
+    # shifted export's arithmetic is checked without rounding in test_export_qdq)
+    q = _quantized(float_model, images, w, a, layer_bits, calibrator="auto", act_offset=False)
     if bits == "w4a4":  # SiLU outputs get grids with a few levels below zero, exported as clamped INT8 Q/DQ
         grids = {c.act_quant.qrange for c in quant_convs(q)}
         assert any(-8 < qn < 0 for qn, _ in grids) and all(qp - qn == 15 for qn, qp in grids if qp < 100)

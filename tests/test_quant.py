@@ -182,6 +182,64 @@ def test_four_bit_mse_grid_puts_few_levels_below_zero_for_silu_and_half_for_symm
     assert obs.neg_hist[obs.edges[:-1] > 0.3].sum() == 0  # SiLU never goes below -0.28
 
 
+def test_eight_bit_offset_grid_puts_few_levels_below_zero_and_keeps_image_pixels_exact():
+    torch.manual_seed(0)
+    silu = nn.functional.silu(torch.randn(200000) * 2)
+    errors, grids = {}, {}
+    for offset in (True, False):
+        q = Quantizer(8, signed=None, offset=offset).eval()
+        q.start_observing()
+        q(silu)
+        q.finish_observing("percentile")
+        out = q(silu)
+        errors[offset], grids[offset] = float(((out - silu) ** 2).mean()), q.qrange
+        assert out.unique().numel() <= 256
+        if offset:
+            qn, qp = q.qrange
+            assert -16 <= qn <= -1 and qp - qn == 255  # SiLU's dip to -0.28 needs a few of the 256 levels
+            assert q.container_offset == qp - 127 and out.min() < 0
+            container = q.quantize_shifted(silu) / q.step()  # what the signed INT8 Q/DQ holds
+            assert container.min() >= -128 and container.max() <= 127
+            assert torch.allclose(container, container.round(), atol=1e-3)
+    assert grids[False] == (-128, 127)  # --no-act-offset: the symmetric grid
+    assert errors[True] < 0.4 * errors[False]  # about twice the resolution: a quarter of the squared error
+    image = torch.randint(0, 256, (2, 3, 16, 16)).float() / 255  # 8-bit pixels as the loader gives them
+    q = Quantizer(8, signed=None, offset=True).eval()
+    q.start_observing()
+    q(image)
+    q.finish_observing("minmax")
+    assert q.qrange == (0, 255) and q.container_offset == 128
+    assert torch.allclose(q(image), image, atol=1e-6)  # every pixel value is a level
+
+
+@pytest.mark.parametrize("padding", [0, 1])
+def test_conv_behind_a_shifted_grid_equals_the_plain_quantized_conv_borders_included(padding):
+    from ultralytics.nn.modules import Conv
+
+    from yolocomp.quant.modules import freeze_for_export
+
+    torch.manual_seed(0)
+    conv = Conv(4, 6, 3 if padding else 1)
+    with torch.no_grad():
+        conv.bn.running_mean.uniform_(-1, 1)
+    q = QConv(conv.conv, conv.bn, conv.act).eval()
+    x = nn.functional.silu(torch.randn(2, 4, 9, 9) * 3)
+    q.act_quant.start_observing()
+    q.act_quant(x)
+    q.act_quant.finish_observing("percentile")
+    assert q.act_quant.container_offset > 0 and q.reads_shifted()
+    with torch.no_grad():
+        w, b = q.folded()
+        plain = conv.act(nn.functional.conv2d(q.act_quant(x), q.weight_quant(w), b, 1, padding))  # zero borders
+        shifted = q(x)  # conv(q(x) - c) + c * sum(W): what the exported graph computes
+        frozen = deepcopy(q)
+        freeze_for_export(frozen)
+        exported = frozen(x)
+    assert shifted.shape == plain.shape == exported.shape
+    assert torch.allclose(shifted, plain, atol=1e-4, rtol=1e-4)
+    assert torch.equal(exported, shifted)  # evaluation and export do the same float arithmetic
+
+
 def test_activation_sign_is_signed_at_8_bits_and_decided_by_data_below(lively, tmp_path):
     from yolocomp.export.lint import lint_qdq
     from yolocomp.export.onnx_qdq import export_onnx

@@ -41,7 +41,7 @@ def mixed_plan(float_model: Any, cfg: PtqConfig, batches: list, act_bits: int, d
     from yolocomp.quant.sensitivity import layer_sensitivity, weight_bit_plan
 
     probe = deepcopy(float_model)
-    quantize_model(probe, 4, act_bits, exclude=layer_refs(cfg.exclude))
+    quantize_model(probe, 4, act_bits, exclude=layer_refs(cfg.exclude), act_offset=cfg.act_offset)
     calibrate(probe, batches, cfg.calibrator, device=device, progress=False)
     rows = layer_sensitivity(probe, batches[: max(1, cfg.sensitivity_images // max(1, len(batches[0])))],
                              part="weight", metric=cfg.sensitivity_metric)
@@ -113,7 +113,7 @@ def ptq(model: Any, data: str | Path, out: str | Path, *, imgsz: int = 640, devi
     qmodel = deepcopy(float_model)  # the caller's model (or our float reference) stays untouched
     # a mixed plan names every conv's bits itself
     info = quantize_model(qmodel, wb, ab, exclude=layer_refs(cfg.exclude), layer_bits=layer_bits,
-                          edge_bits=cfg.edge_bits if cfg.budget_mb is None else None)
+                          edge_bits=cfg.edge_bits if cfg.budget_mb is None else None, act_offset=cfg.act_offset)
     seen = calibrate(qmodel, batches, cfg.calibrator, device=device)
     report.update(weight_bits=wb, act_bits=ab, calibration_images=seen, quantized_layers=len(info["quantized"]),
                   excluded=info["excluded"], edge_layers=info["edge_layers"])

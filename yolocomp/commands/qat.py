@@ -66,7 +66,7 @@ def qat(model: Any, data: str | Path, out: str | Path, *, imgsz: int = 640, devi
     method = QuantizationAwareTraining(cfg.bits, weight_bits=wb, act_bits=ab, exclude=layer_refs(cfg.exclude),
                                        layer_bits=cfg.layer_bits, calibrator=cfg.calibrator,
                                        freeze_bn_epoch=cfg.freeze_bn_epoch, calib_images=cfg.calib_images,
-                                       edge_bits=cfg.edge_bits)
+                                       edge_bits=cfg.edge_bits, act_offset=cfg.act_offset)
     methods: list = [method]
     self_teacher = isinstance(teacher, str) and teacher == "self"
     # read once: the student's start and the self-distillation teacher are copies of the same float model

@@ -33,6 +33,13 @@ def edge_bits_option():
                   hint="use 8 (the default) to keep the first and last convs at 8 bits, or 4 for none")
 
 
+def act_offset_option():
+    """``act_offset``, shared by ptq and qat."""
+    return option(True, "8-bit activations on a shifted grid: only as many levels below zero as the data reaches "
+                  "(a few for SiLU outputs) and the rest above, kept in TensorRT's signed INT8 by a constant shift "
+                  "that the next conv's bias takes back (--no-act-offset: the symmetric grid)", hint="use true or false")
+
+
 def known_calibrator(value: object) -> str | None:
     """None for a calibrator in CALIBRATORS; else the problem (entropy was dropped, and says why)."""
     if value == "entropy":  # TensorRT-style KL calibration, removed: measurements in tools/README.md
@@ -70,6 +77,7 @@ class PtqConfig:
     weight_bits: int | None = option(None, "weight bits (unset: bits)", hint="use 8 or 4", check=valid_bits)
     act_bits: int | None = option(None, "activation bits (unset: bits)", hint="use 8 or 4", check=valid_bits)
     edge_bits: int = edge_bits_option()
+    act_offset: bool = act_offset_option()
     exclude: list[str] = option([], "layer names or indices kept float", hint="use a list of layer names or indices",
                                 metavar="LAYER")
     sensitivity: bool = option(False, "per-layer sensitivity analysis and a suggested mixed-precision plan",

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from yolocomp.config.options import at_least, non_negative, option, positive, probability, valid_bits, valid_ratio
-from yolocomp.config.ptq import CALIBRATORS, edge_bits_option, known_calibrator, reconstruction_drop
+from yolocomp.config.ptq import CALIBRATORS, act_offset_option, edge_bits_option, known_calibrator, reconstruction_drop
 from yolocomp.config.train import TrainingOptions
 
 QAT_TRAIN_DEFAULTS: dict[str, Any] = {"optimizer": "SGD", "lr0": 1e-4, "warmup_epochs": 0}
@@ -87,6 +87,7 @@ class QatConfig(TrainingOptions):
     freeze_bn_epoch: int = option(0, "epoch from which BN statistics are frozen (0 = from the start)",
                                   hint="use 0 to freeze BN from the start", check=non_negative)
     edge_bits: int = edge_bits_option()
+    act_offset: bool = act_offset_option()
     layer_bits: dict | None = option(None, "per-layer bits, {layer name: bits or [weight bits, act bits]}", cli=False,
                                      hint="use a mapping such as {model.0.conv: 8}")
     eval_images: int | None = option(None, "evaluate on the first N val images (unset: all)",

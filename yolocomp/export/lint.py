@@ -164,6 +164,14 @@ def _check_add(g: _Graph, n: onnx.NodeProto) -> list[Finding]:
                     "the conv before it", "warning")]
 
 
+def _is_shift(g: _Graph, node: onnx.NodeProto) -> bool:
+    """Zero padding, or the subtraction of a constant: what a shifted activation grid puts before its Q."""
+    if node.op_type == "Pad":
+        value = g.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        return value is None or not np.any(value)
+    return node.op_type == "Sub" and g.const(node.input[1]) is not None
+
+
 def _check_scale_groups(g: _Graph) -> list[Finding]:
     """Scales each float tensor receives, following Q back across TensorRT-transparent ops."""
     scales: dict[str, set[float]] = defaultdict(set)
@@ -173,6 +181,9 @@ def _check_scale_groups(g: _Graph) -> list[Finding]:
         scales[tensor].add(round(scale, 10))
         origin[tensor].append(q_name)
         node = g.producer.get(tensor)
+        if node is not None and _is_shift(g, node) and depth < 20:
+            assign(node.input[0], scale, q_name, depth + 1)  # a shifted grid: Q reads (padded) x - c
+            return
         if node is not None and node.op_type in _TRANSPARENT and depth < 20:
             data_inputs = node.input if node.op_type == "Concat" else node.input[:1]
             for t in data_inputs:

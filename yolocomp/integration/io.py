@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 from copy import deepcopy
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -154,6 +155,13 @@ def data_label(data: str | Path) -> str:
     return str(cfg.get(SOURCE_KEY, data)) if isinstance(cfg, dict) else str(data)
 
 
+def _entries(value: Any) -> list:
+    """A split's image entries: Ultralytics takes a folder / .txt list, or a list of those."""
+    if not value:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
 def resolve_data(data: str | Path, workdir: str | Path) -> Path:
     """Check a data yaml and write an absolute-path copy into ``workdir`` (Ultralytics resolves a relative ``path``
     against its own datasets dir, not against the yaml). A copy made earlier is returned as it is."""
@@ -176,7 +184,7 @@ def resolve_data(data: str | Path, workdir: str | Path) -> Path:
     if not root.is_absolute():
         # relative to the yaml, to the working directory, or (a yaml kept inside its data set) the yaml's own folder
         candidates = [(src.parent / root), (Path.cwd() / root)]
-        if (src.parent / str(cfg["val"])).exists():
+        if (src.parent / str(_entries(cfg["val"])[0])).exists():
             candidates.append(src.parent)
         found = next((c for c in candidates if c.exists()), None)
         if found is None:
@@ -184,8 +192,9 @@ def resolve_data(data: str | Path, workdir: str | Path) -> Path:
         root = found
     cfg["path"] = str(root.resolve())
     for split in ("train", "val"):
-        if split in cfg and cfg[split] and not (root / str(cfg[split])).exists() and not Path(str(cfg[split])).exists():
-            raise UserError(f"{split} images '{cfg[split]}' of {data} not found under {root}")
+        for entry in _entries(cfg.get(split)):  # Ultralytics takes one entry or a list of them
+            if not (root / str(entry)).exists() and not Path(str(entry)).exists():
+                raise UserError(f"{split} images '{entry}' of {data} not found under {root}")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     cfg[SOURCE_KEY] = str(data)

@@ -83,10 +83,12 @@ def validate_exclude(model: nn.Module, exclude: Iterable[str | int]) -> list[str
 
 def quantize_model(model: nn.Module, w_bits: int = 8, a_bits: int = 8, exclude: Iterable[str | int] = (),
                    layer_bits: Mapping[str, BitsSpec] | None = None, share: bool = True,
-                   edge_bits: int | None = None) -> dict:
+                   edge_bits: int | None = None, act_offset: bool = True) -> dict:
     """Replace convs by :class:`QConv` in place (idempotent). Returns ``{"quantized": [...], "excluded": [...],
     "edge_layers": [...]}``. ``edge_bits``: at least this many bits (weights and activations) for the
-    :func:`edge_layers` that ``layer_bits`` does not name, as BRECQ, QDrop and AdaRound report their 4-bit results."""
+    :func:`edge_layers` that ``layer_bits`` does not name, as BRECQ, QDrop and AdaRound report their 4-bit results.
+    ``act_offset``: 8-bit activation quantizers may shift their grid at calibration (see
+    :class:`~yolocomp.quant.quantizer.Quantizer`)."""
     exclude = list(exclude)
     if quant_convs(model):
         return {"quantized": [q.name for q in quant_convs(model)], "excluded": getattr(model, "quant_excluded", []),
@@ -108,9 +110,9 @@ def quantize_model(model: nn.Module, w_bits: int = 8, a_bits: int = 8, exclude: 
         if name in edges and (wb, ab) != _bits_for(name, (w_bits, a_bits), layer_bits):
             raised.append(name)
         if isinstance(m, nn.Conv2d):
-            q = QConv(m, None, nn.Identity(), wb, ab, name)
+            q = QConv(m, None, nn.Identity(), wb, ab, name, act_offset)
         else:
-            q = QConv(m.conv, getattr(m, "bn", None), m.act, wb, ab, name)
+            q = QConv(m.conv, getattr(m, "bn", None), m.act, wb, ab, name, act_offset)
         q.float_type = type(m).__name__
         _set(model, name, q)
         quantized.append(name)

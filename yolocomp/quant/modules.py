@@ -20,13 +20,13 @@ class QConv(nn.Module):
     """
 
     def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None, act: nn.Module | None = None,
-                 w_bits: int = 8, a_bits: int = 8, name: str = ""):
+                 w_bits: int = 8, a_bits: int = 8, name: str = "", act_offset: bool = True):
         super().__init__()
         self.conv = conv
         self.bn = bn
         self.act = act if act is not None else nn.Identity()
         self.name = name
-        self.act_quant = Quantizer(a_bits, channels=None, signed=None)
+        self.act_quant = Quantizer(a_bits, channels=None, signed=None, offset=act_offset)
         self.weight_quant = Quantizer(w_bits, channels=conv.out_channels, signed=True)
         self.bn_frozen = False
         self.rounding: nn.Module | None = None  # learned rounding while PTQ reconstruction fits it (quant.adaround)
@@ -69,7 +69,23 @@ class QConv(nn.Module):
         # parameters (initializers), not buffers: buffers would be traced as constants and the weight Q/DQ folded away
         self.export_weight = nn.Parameter(w.clone(), requires_grad=False)
         self.export_bias = None if b is None else nn.Parameter(b.detach().clone(), requires_grad=False)
+        shift = self.act_quant.offset_value()
+        self.export_shift_bias = None
+        if shift:
+            self.export_shift_bias = nn.Parameter(self._shifted_bias(w, b, shift).detach(), requires_grad=False)
         wq.freeze_for_export()
+
+    @staticmethod
+    def _shifted_bias(w: torch.Tensor, b: torch.Tensor | None, shift: float) -> torch.Tensor:
+        """The bias of a conv that reads ``x - shift`` instead of ``x``: ``b + shift * sum(W)`` per output channel."""
+        base = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if b is None else b
+        return base + shift * w.sum((1, 2, 3))
+
+    def _quantized_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The BN-folded weight on its grid (or its learned rounding while a reconstruction fits it) and the bias."""
+        w, b = self.folded()
+        rounding = getattr(self, "rounding", None)
+        return (rounding(w) if rounding is not None and self.weight_quant.enabled else self.weight_quant(w)), b
 
     def forward_q(self, xq: torch.Tensor) -> torch.Tensor:
         """Forward from an input that is already quantized (shared quantizer upstream)."""
@@ -78,9 +94,7 @@ class QConv(nn.Module):
             # yolocomp.export.onnx_qdq inserts DequantizeLinear(int8 weight) itself
             return self.act(self._conv(xq, self.export_weight, self.export_bias))
         if self.bn is None or not self.training or self.bn_frozen:
-            w, b = self.folded()
-            rounding = getattr(self, "rounding", None)
-            wq = rounding(w) if rounding is not None and self.weight_quant.enabled else self.weight_quant(w)
+            wq, b = self._quantized_weight()
             y = self._conv(xq, wq, b)
             if getattr(self, "probe", None) is not None:
                 self.probe(self, y)  # pre-activation statistics (quant.bias_correction)
@@ -92,7 +106,33 @@ class QConv(nn.Module):
         return self.act(self.bn(y))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.reads_shifted():
+            return self.forward_shifted(x)
         return self.forward_q(self.act_quant(x))
+
+    def reads_shifted(self) -> bool:
+        """Whether this conv runs as it deploys behind a shifted 8-bit input grid: the container's values ``x - c``
+        with ``c * sum(W)`` in the bias. Evaluation and export both take this form, so the fake-quant model and the
+        exported graph do the same float arithmetic; training (LSQ, live BN) keeps ``conv(q_a(x))``, equal in exact
+        arithmetic."""
+        if getattr(self, "export_shift_bias", None) is not None and self.weight_quant.export:
+            return True
+        live_bn = self.training and self.bn is not None and not self.bn_frozen
+        return self.act_quant.shifts_container() and not live_bn and getattr(self, "probe", None) is None
+
+    def forward_shifted(self, x: torch.Tensor) -> torch.Tensor:
+        """Pad -> Sub -> Q -> DQ -> Conv(no padding, shifted bias). The zero padding happens before the shift, so the
+        border sees the same zeros as ``conv(q_a(x))``."""
+        c = self.conv
+        if self.weight_quant.export and getattr(self, "export_shift_bias", None) is not None:
+            w, bias = self.export_weight, self.export_shift_bias
+        else:
+            w, b = self._quantized_weight()
+            bias = self._shifted_bias(w, b, self.act_quant.offset_value())
+        pad_h, pad_w = c.padding if isinstance(c.padding, tuple) else (c.padding, c.padding)
+        if pad_h or pad_w:
+            x = F.pad(x, (pad_w, pad_w, pad_h, pad_h))
+        return self.act(F.conv2d(self.act_quant.quantize_shifted(x), w, bias, c.stride, 0, c.dilation, c.groups))
 
 
 class QBottleneck(nn.Module):
@@ -103,6 +143,10 @@ class QBottleneck(nn.Module):
         self.cv1, self.cv2, self.add = cv1, cv2, add
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cv1.reads_shifted():
+            # the residual reads the same DQ as cv1 (TensorRT fuses that add); the shift rides on cv2's side
+            y = self.cv2(self.cv1(x))
+            return self.cv1.act_quant.quantize_shifted(x) + (y + self.cv1.act_quant.offset_value()) if self.add else y
         xq = self.cv1.act_quant(x)
         y = self.cv2(self.cv1.forward_q(xq))
         return xq + y if self.add else y

@@ -153,3 +153,20 @@ def weight_scales(w: torch.Tensor, qp: int, mse: bool = False, candidates: int =
     err = ((q - flat[None]) ** 2).sum(-1)  # (K, C)
     best = err.argmin(0)
     return steps.gather(0, best[None]).squeeze(0)
+
+
+def offset_grid(min_value: float, clip: float, bits: int = 8) -> int:
+    """Levels below zero of an asymmetric grid of ``2**bits`` levels for values in ``[min_value, clip]``: as few as
+    reach ``min_value`` with the step ``clip / (2**bits - 1 - z)``, at most half. A SiLU output (minimum -0.28) gets
+    a few levels below zero instead of the 128 a symmetric signed grid spends there."""
+    levels, half = 2**bits - 1, 2 ** (bits - 1)
+    below = max(0.0, -min_value)
+    if clip <= 0:
+        return half
+    z = 0
+    for _ in range(32):  # z and the step depend on each other; a few rounds settle
+        z_next = min(half, math.ceil(below / (clip / (levels - z)) - 1e-9))
+        if z_next == z:
+            break
+        z = z_next
+    return z

@@ -42,12 +42,13 @@ class QuantizationAwareTraining(Method):
                  calibrator: str = "auto", calib_batches: int = 8, freeze_bn_epoch: int = 0,
                  calib_images: int = 128,
                  learn: bool = True, share: bool = True, learn_weight_scales: bool | None = None,
-                 edge_bits: int | None = 8):
+                 edge_bits: int | None = 8, act_offset: bool = True):
         self.weight_bits = int(weight_bits or bits)
         self.act_bits = int(act_bits or bits)
         self.exclude = list(exclude)
         self.layer_bits = dict(layer_bits or {})
         self.edge_bits = edge_bits
+        self.act_offset = act_offset
         self.calibrator = calibrator
         self.calib_batches = calib_batches
         self.calib_images = calib_images
@@ -63,7 +64,7 @@ class QuantizationAwareTraining(Method):
     def prepare(self, model: nn.Module) -> bool:
         with without_training_modules(model):  # distillation adapters stay float, whatever the method order
             info = quantize_model(model, self.weight_bits, self.act_bits, self.exclude, self.layer_bits, self.share,
-                                  self.edge_bits)
+                                  self.edge_bits, self.act_offset)
         if not self.learn:
             for q in quantizers(model):
                 q.learn = False

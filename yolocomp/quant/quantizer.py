@@ -1,5 +1,9 @@
 """Fake quantizers: zero-point 0, 4 or 8 bits, per-tensor (activations) or per-output-channel (weights); symmetric,
-except that a sub-8-bit activation grid may put fewer levels below zero than above.
+except that an activation grid may put fewer levels below zero than above (``neg_levels``). Below 8 bits such a grid
+fits in the INT8 container as it is; an 8-bit one (e.g. -2..253 for a SiLU output, which never goes below -0.28) is
+stored shifted by a whole number of steps (``container_offset``): ``x - k*s`` is quantized with zero point 0 and the
+consumer adds ``k*s`` back (the exporter folds it into the conv bias), which is how TensorRT's signed, symmetric INT8
+gets the resolution of an asymmetric grid.
 
 Training uses LSQ (Esser et al., "Learned Step Size Quantization"): the step size ``s`` is a parameter, the rounding
 passes gradients straight through, and the gradient of ``s`` is scaled by ``g = 1 / sqrt(N * Qp)``. Evaluation and
@@ -14,7 +18,14 @@ import math
 import torch
 from torch import nn
 
-from yolocomp.quant.observers import HistogramObserver, choose_range, range_method, shifted_grid, weight_scales
+from yolocomp.quant.observers import (
+    HistogramObserver,
+    choose_range,
+    offset_grid,
+    range_method,
+    shifted_grid,
+    weight_scales,
+)
 
 
 def qrange(bits: int, signed: bool) -> tuple[int, int]:
@@ -47,9 +58,11 @@ class Quantizer(nn.Module):
     decides the sign at calibration: signed at 8 bits (TensorRT's INT8 is signed only; an image then uses 128 of the
     levels); below 8 bits unsigned when every observed value is >= 0 (images, ReLU outputs), else signed, and the
     ``mse`` calibrator then also chooses how many of the levels lie below zero (``neg_levels``, see
-    :func:`~yolocomp.quant.observers.shifted_grid`). Every grid is stored in an INT8 container with zero point 0
-    (a sub-8-bit grid is a clamp to its levels before the Q/DQ pair) unless 8-bit unsigned is asked for explicitly
-    (UINT8, not for TensorRT).
+    :func:`~yolocomp.quant.observers.shifted_grid`). At 8 bits with ``offset=True`` calibration gives the grid as
+    many levels below zero as the data's minimum needs (:func:`~yolocomp.quant.observers.offset_grid`) and the rest
+    above. Every grid is stored in an INT8 container with zero point 0 (a sub-8-bit grid is a clamp to its levels
+    before the Q/DQ pair, an 8-bit shifted grid a constant shift around it) unless 8-bit unsigned is asked for
+    explicitly (UINT8, not for TensorRT).
 
     Modes: ``enabled=False`` passes values through; ``observing=True`` passes through and records statistics for
     calibration; ``learn=False`` learns no step size: a weight quantizer always uses its weight's current range
@@ -57,7 +70,8 @@ class Quantizer(nn.Module):
     ``export=True`` uses the ONNX-exportable torch fake-quant ops.
     """
 
-    def __init__(self, bits: int = 8, channels: int | None = None, signed: bool | None = True, learn: bool = True):
+    def __init__(self, bits: int = 8, channels: int | None = None, signed: bool | None = True, learn: bool = True,
+                 offset: bool = False):
         super().__init__()
         self.bits = int(bits)
         self.channels = channels
@@ -71,7 +85,8 @@ class Quantizer(nn.Module):
         self.export = False
         self.observer: HistogramObserver | None = None
         self.sign_from_data = signed is None  # calibration decides the sign (and below 8 bits the grid)
-        self.neg_levels: int | None = None  # below 8 bits: levels under zero, when calibration chose them
+        self.neg_levels: int | None = None  # levels under zero, when calibration chose them
+        self.offset = offset  # 8 bits: calibration may shift the grid (container_offset)
         self.drop_prob = 0.0  # QDrop, while a reconstruction fits this quantizer (quant.adaround)
 
     # --- pickling: the observer is calibration-time state only ------------------------------------------------------
@@ -87,14 +102,37 @@ class Quantizer(nn.Module):
     @property
     def qrange(self) -> tuple[int, int]:
         below = getattr(self, "neg_levels", None)  # checkpoints pickled before the shifted grids lack it
-        if below is not None and self.bits < 8:
+        if below is not None and self.bits <= 8 and not self.channels:
             return -below, 2**self.bits - 1 - below
         return qrange(self.bits, self.is_signed)
+
+    @property
+    def container_offset(self) -> int:
+        """Whole steps the grid is shifted by to fit the signed INT8 container (0 unless an 8-bit grid has fewer
+        than 128 levels below zero)."""
+        if self.bits != 8 or self.channels or not self.is_signed:  # an explicit UINT8 grid is its own container
+            return 0
+        return max(0, self.qrange[1] - 127)
+
+    def shifts_container(self) -> bool:
+        """Whether the next forward fake-quantizes a shifted 8-bit grid through the container (evaluation, export,
+        fixed-range training), rather than passing through, observing or learning the step (LSQ)."""
+        if not self.container_offset or not self.enabled or self.observing or self.initialized.item() < 0.5:
+            return False
+        return self.export or not (self.training and self.learn)
+
+    def offset_value(self) -> float:
+        """The shift ``k * s`` the container holds this grid's values by (0.0 for an unshifted grid)."""
+        k = self.container_offset
+        if not k or not self.enabled:
+            return 0.0
+        s = self.export_scale if self.export and hasattr(self, "export_scale") else self.step().detach()
+        return float(k * s)
 
     def extra_repr(self) -> str:
         kind = f"per-channel({self.channels})" if self.channels else "per-tensor"
         sign = "auto" if self.signed is None else ("signed" if self.signed else "unsigned")
-        if getattr(self, "neg_levels", None) is not None and self.bits < 8:
+        if getattr(self, "neg_levels", None) is not None and self.bits <= 8 and not self.channels:
             sign = f"levels {self.qrange[0]}..{self.qrange[1]}"
         return f"bits={self.bits}, {kind}, {sign}, learn={self.learn}, enabled={self.enabled}"
 
@@ -130,7 +168,10 @@ class Quantizer(nn.Module):
         else:
             if chose_sign:  # recalibrated by another method: back to the plain grid of the sign
                 self.neg_levels = None
-            clip = choose_range(obs, method, levels=self.qrange[1], **kwargs)
+            shift = chose_sign and getattr(self, "offset", False) and self.bits == 8 and not self.channels
+            clip = choose_range(obs, method, levels=2**self.bits - 1 if shift else self.qrange[1], **kwargs)
+            if shift:
+                self.neg_levels = offset_grid(obs.min_value, clip, self.bits)
         with torch.no_grad():
             self.scale.data.fill_(max(clip, 1e-8) / self.qrange[1])
             self.initialized.fill_(1.0)
@@ -155,11 +196,11 @@ class Quantizer(nn.Module):
             if self.training:
                 with torch.no_grad():
                     self.scale.data.copy_(step.to(self.scale))
-            return self._fake_quant(x, qn, qp, step.view(-1, 1, 1, 1))
+            return self._fake_quant(x, step.view(-1, 1, 1, 1))
         if self.training and not self.learn and not self.export:
             self._track_range(x, qp)  # activations' fixed-range alternative: the range follows the data
         if self.export or not (self.training and self.learn):
-            return self._fake_quant(x, qn, qp)
+            return self._fake_quant(x)
         n = x.numel() / (self.channels or 1)
         xq = lsq_quantize(x, self.step(), qn, qp, 1.0 / math.sqrt(n * qp))
         drop = getattr(self, "drop_prob", 0.0)  # checkpoints pickled before QDrop lack it
@@ -198,9 +239,21 @@ class Quantizer(nn.Module):
         self.register_buffer("export_zp", torch.zeros(s.shape, dtype=torch.int32, device=s.device), persistent=False)
         self.export = True
 
-    def _fake_quant(self, x: torch.Tensor, qn: int, qp: int, step: torch.Tensor | None = None) -> torch.Tensor:
+    def _fake_quant(self, x: torch.Tensor, step: torch.Tensor | None = None) -> torch.Tensor:
         """Fake quantization through the torch ops that export as ONNX QuantizeLinear/DequantizeLinear (8-bit
         containers: lower bit widths clamp to their own grid first, which keeps the result exact)."""
+        shift = self.offset_value()
+        if shift:
+            return self._fake_quant_container(x - shift, step) + shift
+        return self._fake_quant_container(x, step)
+
+    def quantize_shifted(self, x: torch.Tensor) -> torch.Tensor:
+        """The container's values: the fake-quantized ``x - offset_value()`` (the caller adds the shift back, e.g.
+        folded into a conv bias, so the exported graph is Sub -> Q -> DQ -> Conv)."""
+        return self._fake_quant_container(x - self.offset_value())
+
+    def _fake_quant_container(self, x: torch.Tensor, step: torch.Tensor | None = None) -> torch.Tensor:
+        qn, qp = self.qrange
         lo, hi = (-128, 127) if self.is_signed or self.bits < 8 else (0, 255)
         if self.export and hasattr(self, "export_scale"):
             s, zp = self.export_scale, self.export_zp
