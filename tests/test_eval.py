@@ -249,6 +249,21 @@ def test_official_coco_json_ground_truth_gives_ap_1(coco_real_data):
     assert m["ap"] == pytest.approx(1.0) and m["ar100"] == pytest.approx(1.0)
 
 
+def test_bench_quant_train_val_set_scores_both_splits_against_their_official_jsons(coco_real_data, tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_quant", Path(__file__).parents[1] / "tools" / "bench_quant.py")
+    bench_quant = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_quant)
+    valset = load_valset(bench_quant.train_val_data(Path(coco_real_data), tmp_path))
+    assert len(valset.images) == 288 + 158 and valset.coco_json.parent == tmp_path
+    gt = from_coco_json(valset.coco_json, valset.images, len(valset.names))
+    m = coco_metrics(gt, gt_as_detections(gt))
+    assert m["ap"] == pytest.approx(1.0) and m["ar100"] == pytest.approx(1.0)  # every image found in the merged json
+    with pytest.raises(SystemExit):  # train images must not calibrate what they score
+        bench_quant.parse_args(["--eval-splits", "train+val", "--rows", "ptq"])
+
+
 #: the cross-check evaluates this many images (first N sorted) in both tools to stay fast; the README gives the
 #: figures for all 158 images.
 CROSS_CHECK_IMAGES = 48

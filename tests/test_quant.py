@@ -126,7 +126,7 @@ def test_meanmax_is_the_mean_over_images_of_each_images_largest_value():
     assert choose_range(obs, "percentile") < choose_range(obs, "meanmax") < choose_range(obs, "minmax") == 500.0
 
 
-def test_auto_calibrator_clips_four_bit_grids_by_mse_and_eight_bit_by_percentile():
+def test_auto_calibrator_is_mse_below_8_bits_percentile_for_symmetric_and_meanmax_for_shifted_8_bit_grids():
     torch.manual_seed(0)
     x = torch.randn(50000) * torch.rand(50000).pow(4) * 8  # heavy-tailed, like SiLU outputs
     clips = {}
@@ -137,8 +137,17 @@ def test_auto_calibrator_clips_four_bit_grids_by_mse_and_eight_bit_by_percentile
             q(x)
             q.finish_observing(method)
             clips[bits, method] = float(q.step()) * q.qrange[1]
-    assert clips[8, "auto"] == clips[8, "percentile"]
+    assert clips[8, "auto"] == clips[8, "percentile"]  # signed=True: the symmetric grid
     assert clips[4, "auto"] == clips[4, "mse"]
+    shifted = {}
+    for method in ("auto", "meanmax", "percentile"):
+        q = Quantizer(8, signed=None, offset=True)
+        q.start_observing()
+        for part in x.abs().reshape(5, -1):  # five "images"
+            q(part[None])
+        q.finish_observing(method)
+        shifted[method] = float(q.step()) * q.qrange[1]
+    assert shifted["auto"] == shifted["meanmax"] != shifted["percentile"]
     assert clips[4, "mse"] < 0.75 * clips[4, "percentile"]  # 16 levels cannot afford the 99.99th percentile
     with pytest.raises(ValueError, match="resolve auto"):
         choose_range(HistogramObserver(), "auto")

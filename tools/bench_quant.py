@@ -2,7 +2,8 @@
 
 Rows (``--rows`` picks groups):
   fp32         the float ONNX
-  ptq          ``yolocomp ptq`` W8A8 with each calibrator (TensorRT-layout Q/DQ)
+  ptq          ``yolocomp ptq`` W8A8 with each calibrator (TensorRT-layout Q/DQ); ``--symmetric`` adds each with the
+               symmetric 8-bit activation grid
   recon        ``ptq --reconstruct`` W8A8, W4A8, W4A4 (AdaRound + LSQ, block by block, BRECQ); with ``--recon-drops``
                once per QDrop probability (rows ``..._qdrop<p>``), side by side
   mixed        ``ptq --reconstruct --budget-mb`` at each ``--budgets`` share of the INT8 weight bytes (and each
@@ -18,6 +19,9 @@ resident memory above the process's level before it (sampled every 50 ms) are in
 ONNX Runtime batch-1 latency, interleaved. The mixed-precision rows also go into ``ap_vs_size.png``.
 
     python tools/bench_quant.py --out runs/bench_quant --imgsz 320
+
+``--eval-splits train+val --calib-source unlabeled`` scores on coco-real's train and val images together (446), with
+calibration on coco-unlabeled, for differences the 158 val images cannot resolve.
 """
 
 from __future__ import annotations
@@ -78,6 +82,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--rows", default=",".join(GROUPS), help=f"groups to run, from {', '.join(GROUPS)}")
     ap.add_argument("--calibrators", default="minmax,percentile,mse")
     ap.add_argument("--calib-images", type=int, default=256, help="calibration / reconstruction images")
+    ap.add_argument("--symmetric", action="store_true",
+                    help="also run each calibrator with the symmetric 8-bit activation grid (ptq --no-act-offset)")
+    ap.add_argument("--bias-correction-row", action=argparse.BooleanOptionalAction, default=True,
+                    help="the ptq group's row with --bias-correction")
     ap.add_argument("--calib-counts", default="64,128", help="also run the default PTQ with these calibration image counts")
     ap.add_argument("--calib-source", default="train", choices=("train", "unlabeled"),
                     help="calibrate on coco-real train or on --images (unlabelled)")
@@ -98,11 +106,46 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--images", default=str(SHARED / "coco-unlabeled" / "images"), help="unlabelled images")
     ap.add_argument("--weights", default=str(SHARED / "weights" / "yolov8n-coco-dq.pt"))
     ap.add_argument("--data", default=str(SHARED / "coco-real" / "coco-real.yaml"))
+    ap.add_argument("--eval-splits", default="val", choices=("val", "train+val"),
+                    help="images AP is measured on: val, or train and val together (446 on coco-real, about 1.7x "
+                         "less scatter; needs --calib-source unlabeled so no calibration image is scored)")
     args = ap.parse_args(argv)
+    if args.eval_splits == "train+val":
+        if args.calib_source != "unlabeled":
+            ap.error("--eval-splits train+val scores the train images, so they must not calibrate: add "
+                     "--calib-source unlabeled")
+        trained = {"qat", "ultralytics"} & set(args.rows.split(","))
+        if trained:
+            ap.error(f"--eval-splits train+val: the {', '.join(sorted(trained))} rows train or calibrate on the train "
+                     f"split; leave them out of --rows")
     unknown = set(args.rows.split(",")) - set(GROUPS) - {""}
     if unknown:
         ap.error(f"--rows: unknown group(s) {', '.join(sorted(unknown))}; use {', '.join(GROUPS)}")
     return args
+
+
+def train_val_data(data: Path, out: Path) -> Path:
+    """A data yaml whose val split is the train and val images of ``data`` (a resolved yaml), with one COCO json
+    merged from each split's ``annotations/instances_<split>.json``."""
+    import yaml
+
+    cfg = yaml.safe_load(data.read_text())
+    root, merged = Path(cfg["path"]), None
+    for split in ("train", "val"):
+        entry = cfg[split][0] if isinstance(cfg[split], list) else cfg[split]
+        path = root / "annotations" / f"instances_{Path(str(entry)).stem}.json"
+        if not path.exists():
+            sys.exit(f"--eval-splits train+val needs {path} (COCO annotations of each split)")
+        part = json.loads(path.read_text())
+        if merged is None:
+            merged = {**part, "images": [], "annotations": []}
+        merged["images"] += part["images"]
+        merged["annotations"] += part["annotations"]
+    (out / "instances_trainval.json").write_text(json.dumps(merged))
+    cfg.update(val=[cfg["train"], cfg["val"]], coco_json=str((out / "instances_trainval.json").resolve()))
+    target = out / f"{data.stem}_trainval.yaml"
+    target.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return target
 
 
 def bits(tag: str) -> tuple[int, int]:
@@ -138,6 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not weights.exists():
         shutil.copy(args.weights, weights)
     calib = {"images": args.images} if args.calib_source == "unlabeled" else {}
+    scored = train_val_data(data, out) if args.eval_splits == "train+val" else data
     t_start = time.time()
     report: dict = {"settings": {**vars(args), "python": platform.python_version(), "torch": torch.__version__,
                                  "openvino": has_openvino}, "rows": []}
@@ -154,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
                 from yolocomp.export.openvino import export_openvino
 
                 target = export_openvino(path, out / "openvino", imgsz=args.imgsz, stem=path.stem + f"_{row['model']}")
-            res = evaluate(str(target), data, imgsz=args.imgsz, images=args.val_images, progress=False)
+            res = evaluate(str(target), scored, imgsz=args.imgsz, images=args.val_images, progress=False)
             row.update({f"{k}{key}": v for k, v in metrics(res).items()})
         except Exception as e:  # one failing runtime must not lose the row
             row[f"error{key}"] = f"{type(e).__name__}: {first_line(e, 300)}"
@@ -209,9 +253,13 @@ def main(argv: list[str] | None = None) -> dict:
         for cal in [c for c in args.calibrators.split(",") if c]:
             add(f"ptq_{cal}", lambda cal=cal: run_ptq(f"ptq_{cal}", calibrator=cal, ort=args.ort),
                 {"placement": "tensorrt", "calibrator": cal})
+            if args.symmetric:
+                add(f"ptq_{cal}_symmetric", lambda cal=cal: run_ptq(f"ptq_{cal}_sym", calibrator=cal, act_offset=False),
+                    {"placement": "tensorrt", "calibrator": cal, "act_offset": False})
         # the defaults with bias correction, and with other numbers of calibration images (more must not hurt)
-        add("ptq_percentile_bias_correction", lambda: run_ptq("ptq_percentile_bc", bias_correction=True),
-            {"placement": "tensorrt", "calibrator": "percentile"})
+        if args.bias_correction_row:
+            add("ptq_percentile_bias_correction", lambda: run_ptq("ptq_percentile_bc", bias_correction=True),
+                {"placement": "tensorrt", "calibrator": "percentile"})
         for n in [int(c) for c in args.calib_counts.split(",") if c]:
             add(f"ptq_percentile_{n}_images", lambda n=n: (lambda rep: (rep["onnx"], rep))(ptq(
                 weights, data, out / f"ptq_percentile_{n}", imgsz=args.imgsz, evaluate=False, calib_images=n,
@@ -272,7 +320,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                        fraction=fraction, imgsz=args.imgsz, verbose=False)
                     row["quantize_s"] = round(time.time() - t, 1)
                 row.update(mem.record())
-                res = evaluate(str(folder), data, imgsz=args.imgsz, images=args.val_images, progress=False)
+                res = evaluate(str(folder), scored, imgsz=args.imgsz, images=args.val_images, progress=False)
                 row.update({f"{k}_openvino": v for k, v in metrics(res).items()})
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {first_line(e, 300)}"

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from yolocomp.config.options import one_of, option, positive, probability, valid_bits
 
-#: ``auto``: percentile for 8-bit activation grids, mse for coarser ones (a 4-bit grid cannot afford the outliers)
+#: ``auto``: meanmax for shifted 8-bit activation grids, percentile for symmetric ones, mse for coarser ones (a 4-bit
+#: grid cannot afford the outliers)
 CALIBRATORS = ("auto", "minmax", "percentile", "mse", "meanmax")
 #: distances of the per-conv sensitivity analysis (``yolocomp.quant.sensitivity.layer_sensitivity``)
 SENSITIVITY_METRICS = ("head_kd", "output")
@@ -50,9 +51,9 @@ def known_calibrator(value: object) -> str | None:
 
 @dataclass
 class PtqConfig:
-    calibrator: str = option("auto", "how activation ranges are set from the calibration images (auto: percentile "
-                             "for 8-bit activations, mse below; meanmax: the mean over images of each image's largest "
-                             "value, NNCF's estimator)",
+    calibrator: str = option("auto", "how activation ranges are set from the calibration images (auto: meanmax "
+                             "for 8-bit activations, percentile with --no-act-offset, mse below; meanmax: the mean "
+                             "over images of each image's largest value, NNCF's estimator)",
                              hint="use auto (the default), percentile, mse, minmax or meanmax", choices=CALIBRATORS,
                              check=known_calibrator)
     calib_images: int = option(256, "calibration (and reconstruction) images", check=positive,

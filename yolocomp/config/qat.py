@@ -72,7 +72,7 @@ class QatConfig(TrainingOptions):
     pseudo_conf: float | None = option(None, "teacher detections above this confidence become labels of the unlabelled "
                                        "images (unset: no pseudo-labels)", hint="use a confidence such as 0.5",
                                        check=valid_ratio)
-    calibrator: str = option("auto", "range calibration before training (auto: percentile for 8-bit activations, "
+    calibrator: str = option("auto", "range calibration before training (auto: meanmax for 8-bit activations, "
                              "mse below)", choices=CALIBRATORS, check=known_calibrator,
                              hint="use auto (the default), percentile, mse, minmax or meanmax")
     calib_images: int = option(128, "calibration images", hint="use a number of images such as 128", check=positive)

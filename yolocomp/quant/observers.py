@@ -70,12 +70,15 @@ def _merged(hist: np.ndarray, factor: int) -> np.ndarray:
     return out
 
 
-def range_method(method: str, bits: int) -> str:
-    """The calibrator a quantizer of ``bits`` uses: ``auto`` is percentile at 8 bits and mse below, where 16 levels
-    spread up to the 99.99th percentile leave most values on a handful of them."""
+def range_method(method: str, bits: int, shifted: bool = False) -> str:
+    """The calibrator a quantizer of ``bits`` uses: ``auto`` is mse below 8 bits, where 16 levels spread up to the
+    99.99th percentile leave most values on a handful of them; at 8 bits meanmax for a shifted grid and percentile
+    for a symmetric one (the better of the two for each grid, measured in tools/README.md)."""
     if method != "auto":
         return method
-    return "percentile" if bits >= 8 else "mse"
+    if bits < 8:
+        return "mse"
+    return "meanmax" if shifted else "percentile"
 
 
 def choose_range(obs: HistogramObserver, method: str, levels: int = 127, percentile: float = 99.99) -> float:

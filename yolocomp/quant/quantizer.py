@@ -162,13 +162,13 @@ class Quantizer(nn.Module):
         chose_sign = self.signed is None or getattr(self, "sign_from_data", False)  # not fixed by the caller
         if self.signed is None:
             self.signed = self._sign_for(obs.min_value)
-        method = range_method(method, self.bits)
+        shift = chose_sign and getattr(self, "offset", False) and self.bits == 8 and not self.channels
+        method = range_method(method, self.bits, shifted=shift)
         if chose_sign and self.signed and self.bits < 8 and not self.channels and method == "mse":
             self.neg_levels, clip = shifted_grid(obs, self.bits)
         else:
             if chose_sign:  # recalibrated by another method: back to the plain grid of the sign
                 self.neg_levels = None
-            shift = chose_sign and getattr(self, "offset", False) and self.bits == 8 and not self.channels
             clip = choose_range(obs, method, levels=2**self.bits - 1 if shift else self.qrange[1], **kwargs)
             if shift:
                 self.neg_levels = offset_grid(obs.min_value, clip, self.bits)
