@@ -144,7 +144,8 @@ class QBottleneck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.cv1.reads_shifted():
-            # the residual reads the same DQ as cv1 (TensorRT fuses that add); the shift rides on cv2's side
+            # cv1 quantizes its zero-padded input itself, so the residual quantizes x on its own; the Add still reads
+            # a DQ (TensorRT fuses that add into cv2) and the shift rides on cv2's side
             y = self.cv2(self.cv1(x))
             return self.cv1.act_quant.quantize_shifted(x) + (y + self.cv1.act_quant.offset_value()) if self.add else y
         xq = self.cv1.act_quant(x)

@@ -55,8 +55,8 @@ class Quantizer(nn.Module):
     """One fake quantizer with a learned step size (LSQ), initialised from calibration.
 
     ``channels=None``: per-tensor (activations); ``channels=C``: per-channel along axis 0 (weights). ``signed=None``
-    decides the sign at calibration: signed at 8 bits (TensorRT's INT8 is signed only; an image then uses 128 of the
-    levels); below 8 bits unsigned when every observed value is >= 0 (images, ReLU outputs), else signed, and the
+    decides the sign at calibration: signed at 8 bits (TensorRT's INT8 is signed only; without ``offset`` an image then
+    uses 128 of the levels); below 8 bits unsigned when every observed value is >= 0 (images, ReLU outputs), else signed, and the
     ``mse`` calibrator then also chooses how many of the levels lie below zero (``neg_levels``, see
     :func:`~yolocomp.quant.observers.shifted_grid`). At 8 bits with ``offset=True`` calibration gives the grid as
     many levels below zero as the data's minimum needs (:func:`~yolocomp.quant.observers.offset_grid`) and the rest
