@@ -122,7 +122,7 @@ def ptq(model: Any, data: str | Path, out: str | Path, *, imgsz: int = 640, devi
 
         t = time.time()
         report["reconstruction"] = reconstruct_quantized(qmodel, float_model, batches, iters=cfg.recon_iters,
-                                                         drop_prob=cfg.qdrop())
+                                                         drop_prob=cfg.qdrop(), affine_lr=cfg.recon_affine_lr)
         report["reconstruction"]["seconds"] = round(time.time() - t, 1)
     if cfg.bias_correction:
         from yolocomp.quant.bias_correction import correct_bias

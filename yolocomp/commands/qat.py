@@ -172,7 +172,7 @@ def _warm_start(qmodel: Any, float_model: Any, cfg: Any, data: Path, imgsz: int,
     qmodel.to(device)
     calibrate(qmodel, batches, cfg.calibrator, device=device)
     report = reconstruct_quantized(qmodel, deepcopy(float_model).float().to(device), batches, iters=cfg.recon_iters,
-                                   drop_prob=cfg.qdrop())
+                                   drop_prob=cfg.qdrop(), affine_lr=cfg.recon_affine_lr)
     qmodel.cpu()
     return {**report, "seconds": round(time.time() - t, 1)}
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from yolocomp.config.options import one_of, option, positive, probability, valid_bits
+from yolocomp.config.options import non_negative, one_of, option, positive, probability, valid_bits
 
 #: ``auto``: meanmax for shifted 8-bit activation grids, percentile for symmetric ones, mse for coarser ones (a 4-bit
 #: grid cannot afford the outliers)
@@ -16,6 +16,9 @@ SENSITIVITY_METRICS = ("head_kd", "output")
 #: QDrop probability of the reconstruction when some activations are below 8 bits; at 8 bits it is off (both measured
 #: in tools/README.md: it helped W4A4 and cost W4A8 AP).
 LOW_BIT_QDROP = 0.5
+
+#: Adam learning rate of the per-channel weight steps and biases in a reconstruction (tools/README.md)
+RECON_AFFINE_LR = 1e-3
 
 
 def reconstruction_drop(recon_drop: float | None, act_bits: int, layer_bits: dict | None = None) -> float:
@@ -32,6 +35,20 @@ def edge_bits_option():
     return option(8, "bits (weights and activations) that the first conv and Detect's output convs keep when the rest "
                   "is quantized below them (4: no exception)", check=valid_bits,
                   hint="use 8 (the default) to keep the first and last convs at 8 bits, or 4 for none")
+
+
+def recon_drop_option():
+    """``recon_drop``, shared by ptq and qat."""
+    return option(None, "QDrop during reconstruction: share of activations kept float while each block is fitted "
+                  "(unset: 0.5 when activations are below 8 bits, else 0)", check=probability,
+                  hint="use a probability such as 0.5, or 0 to turn it off")
+
+
+def recon_affine_lr_option():
+    """``recon_affine_lr``, shared by ptq and qat."""
+    return option(RECON_AFFINE_LR, "reconstruction: learning rate of each conv's per-output-channel weight step and "
+                  "bias, fitted with the rounding (0: both stay as calibrated)", check=non_negative,
+                  hint="use a small rate such as 1e-3, or 0 to turn it off")
 
 
 def act_offset_option():
@@ -65,9 +82,8 @@ class PtqConfig:
                                "block against the float model (BRECQ)", hint="use true or false")
     recon_iters: int = option(1000, "reconstruction iterations per block", check=positive,
                               hint="use a number of iterations such as 1000")
-    recon_drop: float | None = option(None, "QDrop during reconstruction: share of activations kept float while each "
-                                      "block is fitted (unset: 0.5 when activations are below 8 bits, else 0)",
-                                      check=probability, hint="use a probability such as 0.5, or 0 to turn it off")
+    recon_drop: float | None = recon_drop_option()
+    recon_affine_lr: float = recon_affine_lr_option()
     bias_correction: bool = option(False, "shift each conv's bias so its quantized output channels keep the float "
                                    "means on the calibration images (not with --reconstruct, whose fit it breaks)",
                                    hint="use true or false")

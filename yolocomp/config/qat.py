@@ -15,8 +15,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from yolocomp.config.options import at_least, non_negative, option, positive, probability, valid_bits, valid_ratio
-from yolocomp.config.ptq import CALIBRATORS, act_offset_option, edge_bits_option, known_calibrator, reconstruction_drop
+from yolocomp.config.options import at_least, non_negative, option, positive, valid_bits, valid_ratio
+from yolocomp.config.ptq import (
+    CALIBRATORS,
+    act_offset_option,
+    edge_bits_option,
+    known_calibrator,
+    recon_affine_lr_option,
+    recon_drop_option,
+    reconstruction_drop,
+)
 from yolocomp.config.train import TrainingOptions
 
 QAT_TRAIN_DEFAULTS: dict[str, Any] = {"optimizer": "SGD", "lr0": 1e-4, "warmup_epochs": 0}
@@ -81,9 +89,8 @@ class QatConfig(TrainingOptions):
                                       hint="use true or false")
     recon_iters: int = option(300, "reconstruction iterations per block", check=positive,
                               hint="use a number of iterations such as 300")
-    recon_drop: float | None = option(None, "QDrop during reconstruction: share of activations kept float while each "
-                                      "block is fitted (unset: 0.5 when activations are below 8 bits, else 0)",
-                                      check=probability, hint="use a probability such as 0.5, or 0 to turn it off")
+    recon_drop: float | None = recon_drop_option()
+    recon_affine_lr: float = recon_affine_lr_option()
     freeze_bn_epoch: int = option(0, "epoch from which BN statistics are frozen (0 = from the start)",
                                   hint="use 0 to freeze BN from the start", check=non_negative)
     edge_bits: int = edge_bits_option()

@@ -27,21 +27,26 @@ ZETA, GAMMA = 1.1, -0.1  # stretch of the rectified sigmoid, so h reaches 0 and 
 class AdaRound(nn.Module):
     """The soft (then hard) rounding of one conv's BN-folded weight on its quantizer's fixed per-channel grid."""
 
-    def __init__(self, weight: torch.Tensor, quantizer: Quantizer):
+    def __init__(self, weight: torch.Tensor, quantizer: Quantizer, gain: bool = False):
         super().__init__()
         self.qn, self.qp = quantizer.qrange
         self.register_buffer("step", quantizer.step().detach().clone())
         rest = (weight.detach() / self.step) - torch.floor(weight.detach() / self.step)
         # V such that h(V) equals the fractional part: the fit starts from the un-rounded weight
         self.alpha = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest.clamp(1e-4, 1 - 1e-4) - GAMMA) - 1))
+        # a learned per-channel step (log scale): the integers stay where rounding puts them, the grid stretches
+        self.log_gain = nn.Parameter(torch.zeros_like(self.step)) if gain else None
         self.hard = False
+
+    def grid_step(self) -> torch.Tensor:
+        return self.step if self.log_gain is None else self.step * self.log_gain.exp()
 
     def soft(self) -> torch.Tensor:
         return torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         up = (self.alpha >= 0).to(weight.dtype) if self.hard else self.soft()
-        return torch.clamp(torch.floor(weight.detach() / self.step) + up, self.qn, self.qp) * self.step
+        return torch.clamp(torch.floor(weight.detach() / self.step) + up, self.qn, self.qp) * self.grid_step()
 
     def regulariser(self, beta: float) -> torch.Tensor:
         return (1 - (2 * self.soft() - 1).abs().pow(beta)).sum()
@@ -58,8 +63,15 @@ def bake_rounding(conv: QConv) -> dict:
     wq = rounding(w)
     up = float((rounding.alpha >= 0).float().mean())
     conv.conv.weight.copy_(wq / conv.fold_factor().view(-1, 1, 1, 1) if conv.bn is not None else wq)
+    scale = conv.weight_quant.scale
+    scale.copy_(rounding.grid_step().reshape(scale.shape))  # the learned steps, so nearest rounding keeps the integers
     conv.rounding = None
     return {"undecided": undecided, "up": up}
+
+
+def _bias_of(conv: QConv) -> nn.Parameter | None:
+    """The parameter the folded bias is made from: BN's beta, else the conv's own bias."""
+    return conv.bn.bias if conv.bn is not None else conv.conv.bias
 
 
 class AdaRoundFit(BlockFit):
@@ -68,8 +80,9 @@ class AdaRoundFit(BlockFit):
 
     def __init__(self, weight_lr: float = 1e-3, act_lr: float = 4e-5, reg_weight: float = 0.01,
                  beta: tuple[float, float] = (20.0, 2.0), warmup: float = 0.2, learn_activations: bool = True,
-                 drop_prob: float = 0.0):
+                 drop_prob: float = 0.0, affine_lr: float = 0.0):
         super().__init__(weight_lr)
+        self.affine_lr = affine_lr
         if not 0.0 <= drop_prob < 1.0:
             raise ValueError(f"drop_prob={drop_prob} must be in [0, 1)")
         self.act_lr, self.reg_weight, self.beta, self.warmup = act_lr, reg_weight, beta, warmup
@@ -82,12 +95,12 @@ class AdaRoundFit(BlockFit):
     def settings(self) -> dict:
         return {"method": "adaround+lsq", "weight_lr": self.lr, "act_lr": self.act_lr, "reg_weight": self.reg_weight,
                 "beta": list(self.beta), "warmup": self.warmup, "learn_activations": self.learn_activations,
-                "qdrop": self.drop_prob}
+                "qdrop": self.drop_prob, "affine_lr": self.affine_lr}
 
     def begin(self, module: nn.Module) -> list[dict]:
         self._convs = [m for m in module.modules() if isinstance(m, QConv) and m.weight_quant.enabled]
         for conv in self._convs:
-            conv.rounding = AdaRound(conv.folded()[0], conv.weight_quant)
+            conv.rounding = AdaRound(conv.folded()[0], conv.weight_quant, gain=self.affine_lr > 0)
         self._acts = []
         if self.learn_activations:
             for conv in self._convs:
@@ -100,6 +113,10 @@ class AdaRoundFit(BlockFit):
         groups = [{"params": [c.rounding.alpha for c in self._convs], "lr": self.lr}]
         if self._acts:
             groups.append({"params": [q.scale for q in self._acts], "lr": self.act_lr})
+        if self.affine_lr > 0:
+            # each output channel's step and bias, so the fit can also take back the error's scale and mean
+            affine = [c.rounding.log_gain for c in self._convs] + [b for b in map(_bias_of, self._convs) if b is not None]
+            groups.append({"params": affine, "lr": self.affine_lr})
         return groups
 
     def penalty(self, module: nn.Module, output: torch.Tensor, progress: float) -> torch.Tensor | float:

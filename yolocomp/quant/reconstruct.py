@@ -17,10 +17,11 @@ HOLDOUT = 0.125
 
 def reconstruct_quantized(qmodel: nn.Module, float_model: nn.Module, batches: list[torch.Tensor], *, iters: int = 500,
                           weight_lr: float = 1e-2, act_lr: float = 4e-5, drop_prob: float = 0.0,
-                          progress: bool = True) -> dict[str, Any]:
+                          affine_lr: float = 0.0, progress: bool = True) -> dict[str, Any]:
     """Fit ``qmodel`` (calibrated, in place) block by block to ``float_model``; returns the engine's report with
-    the rounding statistics of every block. ``drop_prob``: QDrop's share of activations kept float in the fit."""
-    fitter = AdaRoundFit(weight_lr=weight_lr, act_lr=act_lr, drop_prob=drop_prob)
+    the rounding statistics of every block. ``drop_prob``: QDrop's share of activations kept float in the fit;
+    ``affine_lr``: learning rate of each conv's per-channel step and bias (0: both stay as calibrated)."""
+    fitter = AdaRoundFit(weight_lr=weight_lr, act_lr=act_lr, drop_prob=drop_prob, affine_lr=affine_lr)
     if len(batches) == 1 and len(batches[0]) > 1:  # one batch: halve it, so some images stay held out
         batches = list(batches[0].tensor_split(2))
     held = max(1, round(HOLDOUT * len(batches))) if len(batches) > 1 else 0
