@@ -105,10 +105,10 @@ def test_reconstruction_beats_nearest_rounding_on_held_out_images(reconstructed,
 
 def test_learned_steps_and_biases_keep_the_weights_on_their_grid_and_export_as_fitted(float_model, images, tmp_path):
     from yolocomp.export.onnx_qdq import export_onnx
-    from yolocomp.quant.adaround import _bias_of
+    from yolocomp.quant.adaround import bias_parameter
 
     q = _quantized(float_model, images, calibrator="auto", act_offset=False)  # symmetric: see the parity test below
-    before = {c.name: (c.weight_quant.step().clone(), _bias_of(c).detach().clone()) for c in quant_convs(q)}
+    before = {c.name: (c.weight_quant.step().clone(), bias_parameter(c).detach().clone()) for c in quant_convs(q)}
     report = reconstruct_quantized(q, float_model, images, iters=40, affine_lr=1e-2, progress=False)
     assert report["settings"]["affine_lr"] == 1e-2
     fitted = {r["layer"] for r in report["blocks"] if r["fitted"] and not r["reverted"]}
@@ -120,9 +120,9 @@ def test_learned_steps_and_biases_keep_the_weights_on_their_grid_and_export_as_f
             k = c.folded()[0] / c.weight_quant.step()
             assert torch.allclose(k, k.round(), atol=1e-3), c.name  # the baked weight sits on the learned grid
             steps_moved += int(not torch.allclose(c.weight_quant.step(), step0))
-            biases_moved += int(not torch.allclose(_bias_of(c), bias0))
+            biases_moved += int(not torch.allclose(bias_parameter(c), bias0))
         else:  # a block that was not kept is as calibrated
-            assert torch.equal(c.weight_quant.step(), step0) and torch.equal(_bias_of(c), bias0), c.name
+            assert torch.equal(c.weight_quant.step(), step0) and torch.equal(bias_parameter(c), bias0), c.name
     assert steps_moved > 0 and biases_moved > 0
     path = export_onnx(q, tmp_path / "affine.onnx", imgsz=IMGSZ)
     x = images[0][:1]

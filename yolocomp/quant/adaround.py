@@ -69,7 +69,7 @@ def bake_rounding(conv: QConv) -> dict:
     return {"undecided": undecided, "up": up}
 
 
-def _bias_of(conv: QConv) -> nn.Parameter | None:
+def bias_parameter(conv: QConv) -> nn.Parameter | None:
     """The parameter the folded bias is made from: BN's beta, else the conv's own bias."""
     return conv.bn.bias if conv.bn is not None else conv.conv.bias
 
@@ -82,11 +82,10 @@ class AdaRoundFit(BlockFit):
                  beta: tuple[float, float] = (20.0, 2.0), warmup: float = 0.2, learn_activations: bool = True,
                  drop_prob: float = 0.0, affine_lr: float = 0.0):
         super().__init__(weight_lr)
-        self.affine_lr = affine_lr
         if not 0.0 <= drop_prob < 1.0:
             raise ValueError(f"drop_prob={drop_prob} must be in [0, 1)")
         self.act_lr, self.reg_weight, self.beta, self.warmup = act_lr, reg_weight, beta, warmup
-        self.drop_prob = drop_prob
+        self.drop_prob, self.affine_lr = drop_prob, affine_lr
         self.learn_activations = learn_activations
         self._learned: set[int] = set()
         self._convs: list[QConv] = []
@@ -115,7 +114,7 @@ class AdaRoundFit(BlockFit):
             groups.append({"params": [q.scale for q in self._acts], "lr": self.act_lr})
         if self.affine_lr > 0:
             # each output channel's step and bias, so the fit can also take back the error's scale and mean
-            affine = [c.rounding.log_gain for c in self._convs] + [b for b in map(_bias_of, self._convs) if b is not None]
+            affine = [c.rounding.log_gain for c in self._convs] + [b for b in map(bias_parameter, self._convs) if b is not None]
             groups.append({"params": affine, "lr": self.affine_lr})
         return groups
 
