@@ -29,6 +29,8 @@ RECOVERIES = {
     "oneshot_head_kd": {"recover": "kd", "steps": 1, "kd_method": "logit", "reconstruct": False},
     "oneshot_kd": {"recover": "kd", "steps": 1, "reconstruct": False},
     "oneshot_recon_kd": {"recover": "kd", "steps": 1, "reconstruct": True},  # prune --recover kd's defaults
+    # the defaults with YOLO11's depthwise class branch in place of Detect's 3x3 one (prune --head light)
+    "oneshot_recon_kd_light": {"recover": "kd", "steps": 1, "reconstruct": True, "head": "light"},
     "progressive_kd": {"recover": "kd", "steps": 3, "reconstruct": False},
     "progressive_recon_kd": {"recover": "kd", "steps": 3, "reconstruct": True},
 }
@@ -133,8 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     result["best_recovery"] = best
     if best:
         options = {k: v for k, v in result["runs"][best].items()
-                   if k in ("recover", "steps", "step_epochs", "reconstruct", "images", "kd_method")}
+                   if k in ("recover", "steps", "step_epochs", "reconstruct", "images", "kd_method", "head")}
         for method in [m for m in args.methods.split(",") if m and m != args.method]:
+            if method == "cap" and options.get("head") == "light":  # prune refuses it: CAP prunes inside training
+                result["runs"][f"{best}_cap"] = {"method": "cap", "skipped": "--head light works with bn, l1, random"}
+                continue
             run(f"{best}_{method}", method, options)
         if args.label_free and options.get("recover") == "kd":
             run(f"{best}_label_free", args.method, {**options, "label_free": True})

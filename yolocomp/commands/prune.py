@@ -16,6 +16,7 @@ from yolocomp.config.options import settings
 from yolocomp.config.prune import KD_RECOVERY_TRAIN_DEFAULTS
 from yolocomp.distill.frozen_bn import FrozenBatchNorm
 from yolocomp.errors import UserError
+from yolocomp.prune.light_head import light_head
 from yolocomp.prune.pruner import count_params, gflops, prune_model
 from yolocomp.recipe import Recipe, stage_config
 
@@ -118,15 +119,25 @@ def prune(
                                               lambda m: _evaluate(m, eval_data, imgsz, device, batch))
         recovery["progressive_seconds"] = round(time.perf_counter() - started, 1)
     else:
-        pruned, summary = prune_model(trained, **target, method=method, min_channels=cfg.min_channels,
+        base, light = trained, _light_head_start(trained, cfg, method, target, imgsz, ignore, recovery)
+        if light is not None:
+            base, target = light
+        pruned, summary = prune_model(base, **target, method=method, min_channels=cfg.min_channels,
                                       round_to=cfg.round_to, ignore=ignore, imgsz=imgsz, calib=calib,
                                       max_layer_ratio=cfg.max_layer_ratio)
+        if light is not None:  # the report compares with the input model, not with the converted one
+            summary["gflops"]["before"] = recovery["light_head"]["gflops"]["before"]
+            summary["params"]["before"] = count_params(trained)
+            summary["target"] = cfg.target()
+            summary["achieved"]["flops_reduction"] = round(1 - summary["gflops"]["after"] / summary["gflops"]["before"], 4)
+    recovery.setdefault("head", "keep")
     pruned_path = save_model(pruned, out / "pruned.pt", extra={"prune": {k: summary[k] for k in ("method", "target", "achieved")}})
     ap["pruned"] = _evaluate(pruned, eval_data, imgsz, device, batch)
     channel_map = steps[-1]["kept_channels"] if steps else summary.get("kept_channels")  # vs the input model
     if cfg.reconstruct_first():  # the warm start of the recovery: pruned.pt above stays the model right after the cut
         started = time.perf_counter()
-        recovery["reconstruction"] = _reconstruct(pruned, original, cfg, channel_map, data_abs, imgsz)
+        recovery["reconstruction"] = _reconstruct(pruned, original, cfg, channel_map, data_abs, imgsz,
+                                                  recovery.get("light_head"))
         recovery["reconstruction_seconds"] = round(time.perf_counter() - started, 1)
         ap["reconstructed"] = _evaluate(pruned, eval_data, imgsz, device, batch)
 
@@ -195,6 +206,41 @@ def prune(
     return report
 
 
+def _light_head_start(model: nn.Module, cfg: PruneConfig, method: str, target: dict, imgsz: int,
+                      ignore: tuple[int, ...], recovery: dict) -> tuple[nn.Module, dict] | None:
+    """``(converted model, cut still to make)`` when the cut starts with the light head, else None; ``recovery["head"]``
+    records the choice."""
+    from yolocomp.prune.light_head import convertible_layers, has_light_head
+
+    wanted = cfg.wants_light_head()
+    if wanted is None:  # auto: only where the model has the 3x3 branch and the swap alone stays inside the target
+        wanted = not has_light_head(model) and bool(set(convertible_layers(model)) - set(ignore))
+    if wanted:
+        converted, info = light_head(model, method, imgsz=imgsz, ignore=ignore)
+        try:
+            cut = target_after_light_head(target, info["gflops"])
+        except UserError:
+            if cfg.head == "light":
+                raise
+        else:
+            recovery.update(head="light", light_head=info)
+            return converted, cut
+    recovery["head"] = "keep"
+    return None
+
+
+def target_after_light_head(target: dict, gflops_: dict) -> dict:
+    """The cut still to make once the light head has removed its share: a FLOPs target stays relative to the input
+    model (a channel ratio applies to the backbone and neck as it is)."""
+    if target.get("flops_reduction") is None:
+        return target
+    left = 1.0 - (1.0 - target["flops_reduction"]) * gflops_["before"] / gflops_["after"]
+    if left <= 0.005:
+        raise UserError(f"--head light alone removes {1 - gflops_['after'] / gflops_['before']:.0%} of the GFLOPs, "
+                        f"more than --flops-reduction {target['flops_reduction']}; raise the target or use --head keep")
+    return {"ratio": None, "flops_reduction": round(left, 4)}
+
+
 def ap_vs_gflops(ap: dict, steps: list[dict] | None, gflops_: dict) -> list[tuple[str, float, float]]:
     """(stage, GFLOPs, AP fraction) along the run: the input, every progressive step, then the final size's stages."""
     points = [("before", gflops_["before"], (ap.get("before") or {}).get("ap"))]
@@ -242,7 +288,7 @@ def prune_summary(original: nn.Module, pruned: nn.Module, cfg: PruneConfig, hist
 
 
 def _reconstruct(pruned: nn.Module, teacher: nn.Module, cfg: PruneConfig, channel_map: dict | None, data: str | None,
-                 imgsz: int) -> dict:
+                 imgsz: int, light_head_info: dict | None = None) -> dict:
     """Fit each pruned block to the uncompressed model's output of that block (inputs from the already fitted
     student), on unlabelled images when given, else the train split."""
     import torch
@@ -259,8 +305,14 @@ def _reconstruct(pruned: nn.Module, teacher: nn.Module, cfg: PruneConfig, channe
     chosen = paths[::step][: cfg.recon_images]
     images = torch.cat([torch.from_numpy(b.array) for b in batches(chosen, imgsz, 8)])
     split = len(images) - max(1, len(images) // 4)  # a quarter held out: a block whose error grows there is reverted
+    light = bool(light_head_info)  # a class branch that starts from scratch: its own loss and more iterations
     report = reconstruct(pruned, deepcopy(teacher).float().eval(), images[:split], held_out=images[split:],
-                         channel_map=channel_map, iters=cfg.recon_iters, progress=True)
+                         channel_map=channel_map, iters=cfg.recon_iters, progress=True,
+                         head_loss="kd" if light else "mse", head_iters=cfg.recon_head_iters if light else None)
+    if light:
+        from yolocomp.prune.light_head import settle_batchnorm
+
+        settle_batchnorm(pruned, f"model.{len(pruned.model) - 1}.cv3.", images)
     return {k: report[k] for k in ("head_error", "images", "seconds") if k in report}
 
 

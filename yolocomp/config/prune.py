@@ -18,6 +18,9 @@ KD_METHODS = ("block", "logit", "fgd", "fgfi")
 #: gradients Adam turns into lr-sized steps (measurements in tools/README.md).
 KD_RECOVERY_TRAIN_DEFAULTS = {"optimizer": "AdamW", "lr0": 3e-4, "warmup_epochs": 1, "warmup_bias_lr": 0.0,
                               "weight_decay": 0.0}
+#: keep: Detect as it is; light: YOLO11's depthwise class branch (yolocomp.prune.light_head), fitted to the teacher;
+#: auto: light where it applies (PruneConfig.wants_light_head), else keep
+HEADS = ("auto", "keep", "light")
 ATTENTIONS = ("eca", "se")
 SPARSITY_SCHEDULES = ("constant", "linear_decay")
 
@@ -72,6 +75,12 @@ class PruneConfig(TrainingOptions):
                                hint="use a number of images such as 384", check=at_least(4))
     recon_iters: int = option(1000, "reconstruction iterations per block", hint="use a number such as 1000",
                               check=positive)
+    head: str = option("auto", "Detect's class branch: keep it, or light (YOLO11's depthwise branch, fitted to the "
+                       "teacher; one C2f becomes a C3k2 so stock Ultralytics rebuilds it); auto: light for a one-shot "
+                       "--flops-reduction cut with --recover kd where the model has the 3x3 branch",
+                       hint="use auto, keep or light", choices=HEADS)
+    recon_head_iters: int = option(4000, "reconstruction iterations of the light class branch, which starts from scratch",
+                                   hint="use a number such as 4000", check=positive)
     reconstruct: bool | None = option(None, "fit each pruned block to the teacher's block output before recovery "
                                       "(unset: on with --recover kd)", hint="use true or false")
 
@@ -82,6 +91,12 @@ class PruneConfig(TrainingOptions):
             found.append("sets both ratio and flops_reduction; keep one of them")
         if values.get("recover", "labels") == "labels" and (values.get("images") or (values.get("steps") or 1) > 1):
             found.append("images and steps > 1 need recover: kd (distillation from the uncompressed model)")
+        if values.get("head", "keep") == "light":
+            if values.get("recover", "labels") != "kd" or values.get("reconstruct") is False:
+                found.append("head: light needs recover: kd with reconstruction (the new class branch is fitted to the "
+                             "teacher)")
+            if values.get("method", "bn") == "cap" or (values.get("steps") or 1) > 1:
+                found.append("head: light works with a one-shot bn, l1 or random cut (not cap or steps > 1)")
         if values.get("label_free") and not values.get("images"):
             found.append("label_free needs images (the unlabelled images to train on)")
         return found
@@ -89,6 +104,14 @@ class PruneConfig(TrainingOptions):
     def reconstruct_first(self) -> bool:
         """Whether the cut model is reconstructed before recovery: as set, else with ``recover: kd``."""
         return self.reconstruct if self.reconstruct is not None else self.recover == "kd"
+
+    def wants_light_head(self) -> bool | None:
+        """True: light head asked for; None: auto and the settings allow it (the model decides); False: keep."""
+        if self.head != "auto":
+            return self.head == "light"
+        allowed = (self.recover == "kd" and self.reconstruct_first() and self.steps == 1 and self.method != "cap"
+                   and self.flops_reduction is not None)
+        return None if allowed else False
 
     def target(self) -> dict:
         """The pruning target as prune_model takes it: a FLOPs reduction when set, else the channel ratio."""

@@ -72,9 +72,10 @@ class ChannelGraph:
 
 
 class _Builder:
-    def __init__(self, model: nn.Module, ignore: set[int]):
+    def __init__(self, model: nn.Module, ignore: set[int], as_c3k2: set[int]):
         self.model = model
         self.ignore = ignore
+        self.as_c3k2 = as_c3k2
         self.spaces: list[Space] = []
         self.families: list[Family] = []
         self.convs: list[ConvRec] = []
@@ -87,7 +88,8 @@ class _Builder:
         return fam
 
     def space(self, size: int, name: str, fam: Family, factor: float = 1.0, layer_output: bool = False) -> int:
-        if int(fam.base_size * factor) != size:
+        # a C2f read as C3k2 keeps its full hidden space; the factor halves only its count
+        if int(fam.base_size * factor) != size and self.layer not in self.as_c3k2:
             raise AssertionError(f"{name}: size {size} != int({fam.base_size} * {factor})")
         sp = Space(len(self.spaces), size, self.layer, name, family=fam.id, is_layer_output=layer_output)
         sp.pinned = self.layer in self.ignore
@@ -190,7 +192,9 @@ class _Builder:
             else:
                 inp = [s for j in f for s in (outs[i - 1] if j == -1 else outs[j])]
             t = type(m)
-            types.append(t.__name__)
+            if i in self.as_c3k2:
+                self._check_convertible(i, m)
+            types.append("C3k2" if i in self.as_c3k2 else t.__name__)
             if t is Conv or (t.__name__ == "DWConv" and isinstance(m, Conv)):
                 if m.conv.groups > 1 and m.conv.groups == m.conv.in_channels == m.conv.out_channels:
                     self.conv(name, m, inp, inp)
@@ -201,7 +205,7 @@ class _Builder:
                     out = [o]
             elif t in (C2f, C3k2):
                 o = self.layer_out(m.cv2.conv.out_channels, name)
-                self.c2f(name, m, inp, o, c3k2=t is C3k2)
+                self.c2f(name, m, inp, o, c3k2=t is C3k2 or i in self.as_c3k2)
                 out = [o]
             elif t is C3:
                 o = self.layer_out(m.cv3.conv.out_channels, name)
@@ -238,6 +242,15 @@ class _Builder:
                 for s, _ in fam.members:
                     self.spaces[s].pinned = True
         return ChannelGraph(self.spaces, self.families, self.convs, outs, detect_index, types)
+
+    def _check_convertible(self, i: int, m: nn.Module) -> None:
+        from ultralytics.nn.modules import C2f
+        from ultralytics.nn.modules.block import Bottleneck
+
+        if type(m) is not C2f or not all(type(b) is Bottleneck for b in m.m):
+            raise UserError(f"layer {i} is {type(m).__name__}, not a C2f of Bottlenecks; only such a block becomes C3k2")
+        if i in self.ignore:
+            raise UserError(f"layer {i} is in ignore, so its bottleneck cannot be halved to make it a C3k2")
 
     def sppf(self, name: str, m: nn.Module, inp: Layout) -> int:
         o = self.layer_out(m.cv2.conv.out_channels, name)
@@ -292,6 +305,10 @@ class _Builder:
         fam.lo = max(fam.lo, lo)
 
 
-def build_graph(model: nn.Module, ignore: tuple[int, ...] | list[int] = ()) -> ChannelGraph:
-    """Trace the channel spaces of an Ultralytics DetectionModel (backbone + neck prunable, Detect outputs fixed)."""
-    return _Builder(model, set(ignore)).build()
+def build_graph(model: nn.Module, ignore: tuple[int, ...] | list[int] = (),
+                as_c3k2: tuple[int, ...] | list[int] = ()) -> ChannelGraph:
+    """Trace the channel spaces of an Ultralytics DetectionModel (backbone + neck prunable, Detect outputs fixed).
+
+    ``as_c3k2``: C2f layers to treat as C3k2, whose bottlenecks keep half their hidden channels (the surgery then
+    writes them as C3k2, which is what makes Ultralytics build the YOLO11 class branch of Detect)."""
+    return _Builder(model, set(ignore), set(as_c3k2)).build()

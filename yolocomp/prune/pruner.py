@@ -20,7 +20,7 @@ def conv_channels(model: nn.Module) -> int:
     return sum(m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d))
 
 
-def _check_model(model: nn.Module) -> None:
+def check_model(model: nn.Module) -> None:
     from yolocomp.integration.io import is_detection_model
 
     if not is_detection_model(model):
@@ -72,7 +72,7 @@ def plan_pruning(
 ) -> tuple[ChannelGraph, Planner, Plan]:
     """Check the request, rank the channels and solve the global threshold: ``(graph, planner, plan)``
     (arguments as in :func:`prune_model`; the model is not modified)."""
-    _check_model(model)
+    check_model(model)
     if ratio is not None and not 0.0 < ratio < 1.0:
         raise UserError(f"--ratio {ratio} is outside (0, 1); pick e.g. 0.3")
     if flops_reduction is not None and not 0.0 < flops_reduction < 1.0:

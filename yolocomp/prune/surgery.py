@@ -52,10 +52,10 @@ def pruned_yaml(model: nn.Module, graph: ChannelGraph, plan: Plan) -> dict:
                 row = [f, len(m.m), mod, [c2, shortcut, g, _e(count(f"model.{i}.cv1"), c2)]]
             else:
                 e = _e(count(f"model.{i}.cv1[0]"), c2)
-                if t is C2f:
+                if t is C2f and graph.layer_types[i] == "C2f":
                     row = [f, len(m.m), mod, [c2, shortcut, g, e]]
-                else:
-                    row = [f, len(m.m), mod, [c2, isinstance(first, C3k), e, False, g, shortcut]]
+                else:  # C3k2, or a C2f whose bottlenecks were halved into one
+                    row = [f, len(m.m), "C3k2", [c2, isinstance(first, C3k), e, False, g, shortcut]]
         elif t is SPPF:
             row = [f, 1, mod, [count(f"model.{i}"), *args[1:]]]
         elif t is C2PSA:
@@ -102,8 +102,10 @@ def slices(graph: ChannelGraph, plan: Plan) -> dict[str, tuple[torch.Tensor | No
     return out
 
 
-def build_pruned(model: nn.Module, graph: ChannelGraph, plan: Plan) -> nn.Module:
-    """A new DetectionModel with the plan's widths and the kept slices of ``model``'s weights."""
+def build_pruned(model: nn.Module, graph: ChannelGraph, plan: Plan, fresh: str | None = None) -> nn.Module:
+    """A new DetectionModel with the plan's widths and the kept slices of ``model``'s weights.
+
+    ``fresh``: a state_dict prefix whose tensors keep the new model's initialisation (a rebuilt head branch)."""
     from ultralytics.nn.tasks import DetectionModel
 
     cfg = pruned_yaml(model, graph, plan)
@@ -114,6 +116,8 @@ def build_pruned(model: nn.Module, graph: ChannelGraph, plan: Plan) -> nn.Module
     old_state = model.state_dict()
     new_state = new.state_dict()
     for key, target in new_state.items():
+        if fresh is not None and key.startswith(fresh):
+            continue
         if key not in old_state:
             raise AssertionError(f"pruned model has {key} that the original lacks")
         value = old_state[key]

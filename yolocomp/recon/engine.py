@@ -28,7 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from yolocomp.errors import UserError
-from yolocomp.recon.blocks import Block, OutputCache, detector_blocks, run_block
+from yolocomp.recon.blocks import Block, OutputCache, detector_blocks, is_head, run_block
 
 FIT = ("all", "changed")
 #: Image pixels one fitting iteration uses at most: a cached batch of 8 images at 320 px. Larger images fit on a random
@@ -67,6 +67,24 @@ def _kept(channel_map: Mapping[Any, Sequence[int] | torch.Tensor] | None) -> dic
 
 def _select(outputs: list[torch.Tensor], keep: torch.Tensor | None) -> list[torch.Tensor]:
     return outputs if keep is None else [o.index_select(1, keep.to(o.device)) for o in outputs]
+
+
+#: student block kinds that stand in for another teacher kind (``light_head`` turns one C2f into a C3k2)
+STANDS_IN = {("C3k2", "C2f")}
+HEAD_LOSSES = ("mse", "kd")
+
+
+def head_kd_loss(out: torch.Tensor, target: torch.Tensor, nc: int) -> torch.Tensor:
+    """Fitting loss of a Detect block: MSE on the box distributions, and on the class logits the teacher's
+    probabilities as soft targets (binary cross-entropy summed over classes), each anchor weighted by the teacher's
+    confidence. On logits, MSE is ruled by the many background anchors and their very negative logits; this is what
+    lets a class branch learn from scratch."""
+    boxes = out.shape[1] - nc
+    box = nn.functional.mse_loss(out[:, :boxes], target[:, :boxes])
+    prob = target[:, boxes:].sigmoid()
+    weight = prob.amax(1, keepdim=True).clamp_min(0.01)
+    bce = nn.functional.binary_cross_entropy_with_logits(out[:, boxes:], prob, reduction="none")
+    return box + (bce * weight).sum() / weight.sum()
 
 
 def _changed(student_block: Block, teacher_block: Block) -> bool:
@@ -126,7 +144,9 @@ def fit_images(batch: int, image_pixels: int, fit_pixels: int | None = FIT_PIXEL
 
 
 def _fit_block(block: Block, cache: OutputCache, targets: list[torch.Tensor], fit_ids: list[int], iters: int,
-               fitter: BlockFit, device: torch.device, gen: torch.Generator, per_iter: int) -> dict:
+               fitter: BlockFit, device: torch.device, gen: torch.Generator, per_iter: int,
+               head_loss: str = "mse") -> dict:
+    nc = block.module.nc if head_loss == "kd" and is_head(block.module) else None
     groups = fitter.begin(block.module)
     params = [p for g in groups for p in g["params"]]
     flags = [p.requires_grad for p in params]
@@ -141,7 +161,8 @@ def _fit_block(block: Block, cache: OutputCache, targets: list[torch.Tensor], fi
                 pick = torch.randperm(len(target), generator=gen)[:per_iter].to(device)
                 inputs, target = [x.index_select(0, pick) for x in inputs], target.index_select(0, pick)
             out = run_block(block, inputs)
-            loss = nn.functional.mse_loss(out, target) + fitter.penalty(block.module, out, it / iters)
+            match = nn.functional.mse_loss(out, target) if nc is None else head_kd_loss(out, target, nc)
+            loss = match + fitter.penalty(block.module, out, it / iters)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -193,6 +214,8 @@ def reconstruct(
     seed: int = 0,
     fitter: BlockFit | None = None,
     fit_pixels: int | None = FIT_PIXELS,
+    head_loss: str = "mse",
+    head_iters: int | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Fit the student's blocks in place, in order, to the teacher's block outputs; returns the report.
@@ -203,13 +226,17 @@ def reconstruct(
     shapes than the teacher's). ``store``: where cached feature maps live (``cpu`` keeps GPU memory for the fit).
     ``fitter``: what learns in each block (default :class:`BlockFit`: every float parameter at ``lr``).
     ``fit_pixels``: image pixels per fitting iteration at most (:data:`FIT_PIXELS`; None: whole cached batches).
+    ``head_loss``: ``mse`` fits Detect like any block, ``kd`` with :func:`head_kd_loss` (a class branch learning from
+    scratch); ``head_iters``: iterations of the Detect block (default ``iters``).
     Report: per block ``layer``, ``type``, ``changed``, ``fitted``, ``reverted``, ``error_before`` / ``error_after``
     (relative MSE on the held-out images, kept channels only), and ``head_error`` before / after for the whole model.
     """
     if fit not in FIT:
         raise UserError(f"fit '{fit}' unknown; use one of {FIT}")
-    if iters < 0 or lr <= 0:
-        raise UserError(f"iters={iters} must be >= 0 and lr={lr} > 0")
+    if iters < 0 or lr <= 0 or (head_iters is not None and head_iters < 0):
+        raise UserError(f"iters={iters} and head_iters={head_iters} must be >= 0 and lr={lr} > 0")
+    if head_loss not in HEAD_LOSSES:
+        raise UserError(f"head_loss '{head_loss}' unknown; use one of {HEAD_LOSSES}")
     batches = as_batches(images, batch_size)
     if held_out is None:
         n_held = max(1, round(holdout * len(batches)))
@@ -242,15 +269,17 @@ def reconstruct(
     rows = []
     try:
         for sb, tb in tqdm(list(zip(s_blocks, t_blocks)), desc="reconstruct", disable=not progress, leave=False):
-            if sb.kind != tb.kind:
+            if sb.kind != tb.kind and (sb.kind, tb.kind) not in STANDS_IN:
                 raise UserError(f"layer {sb.index} is {sb.kind} in the student but {tb.kind} in the teacher")
             targets = _select(t_cache.advance(tb, device), keep.get(sb.index))
             row = {"layer": sb.index, "type": sb.kind, "changed": _changed(sb, tb), "fitted": False, "reverted": False}
             if sb.fittable:
                 row["error_before"] = _block_error(sb, s_cache, targets, held_ids, device)
-                if iters and (fit == "all" or row["changed"]):
+                n_iters = head_iters if head_iters is not None and is_head(sb.module) else iters
+                if n_iters and (fit == "all" or row["changed"]):
                     saved = deepcopy(sb.module.state_dict())
-                    row.update(_fit_block(sb, s_cache, targets, fit_ids, iters, fitter, device, gen, per_iter))
+                    row.update(_fit_block(sb, s_cache, targets, fit_ids, n_iters, fitter, device, gen, per_iter,
+                                          head_loss))
                     row["fitted"] = True
                     row["error_after"] = _block_error(sb, s_cache, targets, held_ids, device)
                     if row["error_after"] > row["error_before"]:
@@ -271,7 +300,8 @@ def reconstruct(
         "blocks": rows,
         "head_error": {"before": _sig(head_before), "after": _sig(head_after)},
         "images": {"fit": sum(len(b) for b in batches), "held_out": sum(len(b) for b in held)},
-        "settings": {"iters": iters, **fitter.settings(), "batch_size": batch_size, "images_per_iteration": per_iter,
+        "settings": {"iters": iters, "head_iters": iters if head_iters is None else head_iters, "head_loss": head_loss,
+                     **fitter.settings(), "batch_size": batch_size, "images_per_iteration": per_iter,
                      "fit": fit, "recalibrate_bn": recalibrate,
                      "bn": "eval (running statistics fixed)"},
         "seconds": round(time.perf_counter() - start, 2),

@@ -1,0 +1,217 @@
+"""`--head light`: YOLO11's depthwise class branch on a YOLOv8 detector, rebuilt by stock Ultralytics and fitted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_prune import randomized
+from torch import nn
+
+from yolocomp.errors import UserError
+from yolocomp.eval.info import gflops
+from yolocomp.prune import prune_model
+from yolocomp.prune.light_head import convertible_layers, has_light_head, light_head
+from yolocomp.recon import reconstruct
+from yolocomp.recon.engine import head_error
+
+IMG = 64
+
+
+@pytest.fixture(scope="module")
+def converted():
+    model = randomized()
+    light, info = light_head(model, "bn", imgsz=IMG)
+    return model, light, info
+
+
+def test_one_c2f_becomes_a_c3k2_keeping_the_more_important_half_and_the_class_branch_is_depthwise(converted):
+    from ultralytics.nn.modules import C2f, C3k2
+
+    model, light, info = converted
+    layer = info["c3k2_layer"]
+    assert layer in convertible_layers(model) and type(light.model[layer]) is C3k2
+    assert [type(m) for i, m in enumerate(light.model) if i != layer] == \
+           [type(m) for i, m in enumerate(model.model) if i != layer]
+    assert type(model.model[layer]) is C2f and not has_light_head(model) and has_light_head(light)
+    old, new = model.model[layer], light.model[layer]
+    for b_old, b_new in zip(old.m, new.m):
+        gamma = b_old.cv1.bn.weight.detach().abs()
+        kept = gamma.argsort(descending=True)[: len(gamma) // 2].sort().values
+        assert b_new.cv1.conv.out_channels == len(gamma) // 2
+        assert torch.equal(b_new.cv1.conv.weight, b_old.cv1.conv.weight[kept])
+        assert torch.equal(b_new.cv2.conv.weight, b_old.cv2.conv.weight[:, kept])
+    # every other tensor is copied, the class branch is new
+    old_state, new_state = model.state_dict(), light.state_dict()
+    head = f"model.{len(model.model) - 1}"
+    for key, value in new_state.items():
+        if key.startswith(f"{head}.cv3.") or key.startswith(f"model.{layer}.m."):
+            continue
+        assert torch.equal(value, old_state[key]), key
+    new_weights = [k for k in new_state if k.startswith(f"{head}.cv3.") and k.endswith("conv.weight")]
+    assert len(new_weights) == 4 * 3  # two depthwise + pointwise pairs per level
+    assert not any(k in old_state and old_state[k].shape == new_state[k].shape and torch.equal(old_state[k], new_state[k])
+                   for k in new_weights)
+    assert info["gflops"]["after"] < 0.9 * info["gflops"]["before"] == pytest.approx(0.9 * gflops(model, IMG), rel=1e-3)
+    # layers before the converted block compute exactly what they did
+    outputs: dict[tuple[int, int], torch.Tensor] = {}
+    hooks = [m.register_forward_hook(lambda _m, _a, out, key=(k, i): outputs.__setitem__(key, out))
+             for k, net in enumerate((model, light)) for i, m in enumerate(net.model[:layer])]
+    x = torch.rand(2, 3, IMG, IMG)
+    with torch.no_grad():
+        model.eval()(x), light.eval()(x)
+    for h in hooks:
+        h.remove()
+    assert layer > 0 and all(torch.equal(outputs[0, i], outputs[1, i]) for i in range(layer))
+
+
+def test_stock_ultralytics_rebuilds_the_light_head_from_the_yaml_and_loads_every_tensor(converted, tmp_path):
+    from ultralytics import YOLO
+    from ultralytics.nn.tasks import DetectionModel
+
+    from yolocomp.integration import save_model
+
+    _, light, _ = converted
+    rebuilt = DetectionModel(light.yaml, nc=3, verbose=False)  # what YOLO(path).train() does
+    assert has_light_head(rebuilt)
+    rebuilt.load_state_dict(light.state_dict(), strict=True)
+    assert not has_light_head(DetectionModel("yolov8n.yaml", nc=3, verbose=False))  # nothing process-wide leaks
+    loaded = YOLO(str(save_model(light, tmp_path / "light.pt"))).model
+    x = torch.rand(1, 3, IMG, IMG)
+    with torch.no_grad():
+        assert torch.allclose(loaded.float().eval()(x)[0], light.eval()(x)[0], rtol=2e-3, atol=1e-3)  # saved as fp16
+
+
+def test_pruning_a_converted_model_keeps_the_light_head(converted):
+    _, light, _ = converted
+    pruned, summary = prune_model(light, flops_reduction=0.2, imgsz=IMG)
+    assert has_light_head(pruned)
+    assert summary["achieved"]["flops_reduction"] == pytest.approx(0.2, abs=0.03)
+
+
+def test_reconstruction_fits_the_new_class_branch_to_the_legacy_teacher(converted):
+    from copy import deepcopy
+
+    teacher, light, _ = converted
+    student = deepcopy(light)
+    torch.manual_seed(1)
+    fit, held, unseen = torch.rand(16, 3, IMG, IMG), torch.rand(8, 3, IMG, IMG), torch.rand(8, 3, IMG, IMG)
+    report = reconstruct(student, teacher, fit, held_out=held, iters=5, head_iters=60, head_loss="kd", batch_size=8)
+    rows = {r["layer"]: r for r in report["blocks"]}
+    head = rows[len(teacher.model) - 1]
+    assert head["changed"] and head["fitted"] and not head["reverted"]
+    assert head["error_after"] < 0.5 * head["error_before"]
+    assert report["settings"]["head_iters"] == 60 and report["settings"]["head_loss"] == "kd"
+    assert head_error(student, teacher, unseen) < head_error(light, teacher, unseen)
+
+
+def test_bad_requests_are_one_line_errors():
+    with pytest.raises(UserError, match="already has YOLO11's depthwise class branch"):
+        light_head(randomized("yolo11n.yaml"), imgsz=IMG)
+    with pytest.raises(UserError, match="needs a C2f block"):
+        light_head(randomized("yolov5nu.yaml"), imgsz=IMG)
+    with pytest.raises(UserError, match="not a C2f of Bottlenecks"):
+        light_head(randomized(), layer=0, imgsz=IMG)
+    with pytest.raises(UserError, match="head_loss 'l2' unknown"):
+        reconstruct(randomized(), randomized(), torch.rand(8, 3, IMG, IMG), head_loss="l2")
+
+
+def test_head_kd_loss_is_zero_only_at_the_teacher():
+    from yolocomp.recon.engine import head_kd_loss
+
+    torch.manual_seed(0)
+    target = torch.randn(2, 64 + 3, 10) * 3
+    exact = head_kd_loss(target.clone(), target, nc=3)
+    entropy = nn.functional.binary_cross_entropy_with_logits(target[:, 64:], target[:, 64:].sigmoid(), reduction="none")
+    weight = target[:, 64:].sigmoid().amax(1, keepdim=True).clamp_min(0.01)
+    assert exact == pytest.approx(float((entropy * weight).sum() / weight.sum()), rel=1e-5)  # the targets' own entropy
+    assert head_kd_loss(target + 0.5, target, nc=3) > exact
+
+
+@pytest.mark.parametrize(("flags", "fragment"), [
+    (["--head", "light"], "head: light needs recover: kd"),
+    (["--head", "light", "--recover", "kd", "--method", "cap"], "one-shot bn, l1 or random cut"),
+])
+def test_bad_head_flags_are_one_line(tmp_path, capsys, tiny_detector, flags, fragment):
+    from yolocomp.cli import main
+
+    assert main(["prune", "--model", str(tiny_detector["pt"]), *flags, "--out", str(tmp_path / "o")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and fragment in err[0]
+
+
+def test_prune_with_the_light_head_meets_the_target_against_the_input_model(tmp_path, tiny_detector, synthetic_data):
+    from ultralytics import YOLO
+
+    from yolocomp.cli import main
+
+    out = tmp_path / "o"
+    code = main(["prune", "--model", str(tiny_detector["pt"]), "--data", str(synthetic_data), "--method", "l1",
+                 "--flops-reduction", "0.3", "--head", "light", "--recover", "kd", "--finetune-epochs", "1",
+                 "--batch", "8", "--imgsz", "64", "--recon-images", "16", "--recon-iters", "5",
+                 "--recon-head-iters", "20", "--device", "cpu", "--out", str(out)])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    original = YOLO(str(tiny_detector["pt"])).model
+    assert report["gflops"]["before"] == pytest.approx(gflops(original, 64), rel=1e-3)
+    assert report["achieved"]["flops_reduction"] == pytest.approx(0.3, abs=0.03)
+    assert report["target"]["flops_reduction"] == 0.3
+    assert report["recovery"]["light_head"]["gflops"]["after"] < report["gflops"]["before"]
+    for name in ("pruned.pt", "finetuned.pt"):
+        model = YOLO(str(out / name)).model
+        assert has_light_head(model) and any(type(m).__name__ == "C3k2" for m in model.model)
+        assert gflops(model, 64) == pytest.approx(report["gflops"]["after"], rel=1e-3)
+
+
+def test_settled_batchnorm_keeps_the_outputs_and_matches_the_statistics_of_the_images(converted):
+    from copy import deepcopy
+
+    from yolocomp.prune.light_head import settle_batchnorm
+
+    _, light, _ = converted
+    model = deepcopy(light).eval()
+    prefix = f"model.{len(model.model) - 1}.cv3."
+    torch.manual_seed(2)
+    images = torch.rand(16, 3, IMG, IMG)
+    with torch.no_grad():
+        before = model(images)[0]
+    assert settle_batchnorm(model, prefix, images) == 4 * 3
+    with torch.no_grad():
+        assert torch.allclose(model(images)[0], before, rtol=1e-4, atol=1e-4)  # the same function
+        bns = [m for n, m in model.named_modules() if n.startswith(prefix) and isinstance(m, nn.BatchNorm2d)]
+        assert not any(torch.allclose(bn.running_var, torch.ones_like(bn.running_var)) for bn in bns)
+        for bn in bns:  # one batch of all images in train mode normalises with exactly these statistics
+            bn.train()
+            bn.momentum = 1.0
+        trained = model(images)[0]
+    assert torch.allclose(trained, before, rtol=1e-3, atol=1e-3)
+
+
+def test_auto_head_takes_the_light_branch_only_where_it_applies():
+    from yolocomp.commands.prune import _light_head_start
+    from yolocomp.recipe import stage_config
+
+    def cfg(**values):
+        return stage_config("prune", {"recover": "kd", "flops_reduction": 0.3, **values})
+
+    assert cfg().wants_light_head() is None  # the default: up to the model
+    assert cfg(head="light").wants_light_head() is True and cfg(head="keep").wants_light_head() is False
+    for values in ({"method": "cap"}, {"steps": 2}, {"recover": "labels"}, {"reconstruct": False},
+                   {"flops_reduction": None, "ratio": 0.3}):
+        assert cfg(**values).wants_light_head() is False, values
+    v8, v11 = randomized(), randomized("yolo11n.yaml")
+    record: dict = {}
+    converted, cut = _light_head_start(v8, cfg(), "bn", {"ratio": None, "flops_reduction": 0.3}, IMG, (), record)
+    assert record["head"] == "light" and has_light_head(converted)
+    share = 1 - record["light_head"]["gflops"]["after"] / record["light_head"]["gflops"]["before"]
+    assert 0 < cut["flops_reduction"] < 0.3
+    assert (1 - share) * (1 - cut["flops_reduction"]) == pytest.approx(0.7, abs=1e-3)  # the target stays the input's
+    for model, target in ((v8, share / 2), (v11, 0.3)):  # the swap alone would overshoot; already light
+        record = {}
+        assert _light_head_start(model, cfg(), "bn", {"ratio": None, "flops_reduction": target}, IMG, (), record) is None
+        assert record["head"] == "keep"
+    with pytest.raises(UserError, match="more than --flops-reduction"):
+        _light_head_start(v8, cfg(head="light"), "bn", {"ratio": None, "flops_reduction": share / 2}, IMG, (), {})
+    every_c2f = tuple(convertible_layers(v8))
+    assert _light_head_start(v8, cfg(), "bn", {"ratio": None, "flops_reduction": 0.3}, IMG, every_c2f, {}) is None
