@@ -67,16 +67,12 @@ def light_head(model: nn.Module, importance: str | Any = "bn", layer: int | None
     if layer is not None and layer not in candidates:
         raise UserError(f"layer {layer} is not a C2f of Bottlenecks outside ignore; pick one of {candidates}")
     names = [f"model.{i}.m.{j}.cv1" for i in candidates for j, _ in enumerate(model.model[i].m)]
-    if importance == "random":
-        scores = imp.random_scores(model, names)
-    else:
-        scores = imp.compute(model, names, importance)
+    scores = imp.compute(model, names, importance)
     if layer is None:
         layer = min(candidates, key=lambda i: _dropped_share(scores, i, model))
     graph = build_graph(model, ignore, as_c3k2=[layer])
     producers = sorted({p for s in graph.prunable_spaces() for p, _ in s.producers})
-    all_scores = imp.random_scores(model, producers) if importance == "random" else imp.compute(model, producers, importance)
-    plan = Planner(graph, all_scores, conv_costs(model, imgsz)).plan_for(0)  # nothing cut but the halved bottleneck
+    plan = Planner(graph, imp.compute(model, producers, importance), conv_costs(model, imgsz)).plan_for(0)  # nothing cut but the halved bottleneck
     converted = build_pruned(model, graph, plan, fresh=f"model.{graph.detect_index}.cv3.")
     comp.compensate(model, converted, graph, plan, comp.analytic_means(model, graph))
     if not has_light_head(converted):
