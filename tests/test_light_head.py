@@ -150,9 +150,12 @@ def test_prune_with_the_light_head_meets_the_target_against_the_input_model(tmp_
     code = main(["prune", "--model", str(tiny_detector["pt"]), "--data", str(synthetic_data), "--method", "l1",
                  "--flops-reduction", "0.3", "--head", "light", "--recover", "kd", "--finetune-epochs", "1",
                  "--batch", "8", "--imgsz", "64", "--recon-images", "16", "--recon-iters", "5",
-                 "--recon-head-iters", "20", "--device", "cpu", "--out", str(out)])
+                 "--recon-head-iters", "20", "--head-fit-iters", "20", "--device", "cpu", "--out", str(out)])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
+    fit = report["recovery"]["class_branch_fit"]
+    assert fit["iters"] == 20 and fit["views"] == 2 * fit["images"] > 0  # every train image and its mirror
+    assert report["ap_vs_gflops"][1]["stage"] == "light head"
     original = YOLO(str(tiny_detector["pt"])).model
     assert report["gflops"]["before"] == pytest.approx(gflops(original, 64), rel=1e-3)
     assert report["achieved"]["flops_reduction"] == pytest.approx(0.3, abs=0.03)

@@ -122,6 +122,9 @@ def prune(
         base, light = trained, _light_head_start(trained, cfg, method, target, imgsz, ignore, recovery)
         if light is not None:
             base, target = light
+            if cfg.head_fit_iters:  # on the full-width model, where the teacher's Detect inputs fit it as they are
+                recovery["class_branch_fit"] = _fit_class_branch(base, original, cfg, data_abs, imgsz)
+                ap["light_head"] = _evaluate(base, eval_data, imgsz, device, batch)
         pruned, summary = prune_model(base, **target, method=method, min_channels=cfg.min_channels,
                                       round_to=cfg.round_to, ignore=ignore, imgsz=imgsz, calib=calib,
                                       max_layer_ratio=cfg.max_layer_ratio)
@@ -174,7 +177,7 @@ def prune(
         for r in rows:
             r["speedup"] = round(rows[0]["latency_ms_p50"] / r["latency_ms_p50"], 3)
 
-    curve = ap_vs_gflops(ap, steps, summary["gflops"])
+    curve = ap_vs_gflops(ap, steps, summary["gflops"], recovery.get("light_head"))
     report = {
         "source": source,
         "method": method,
@@ -241,9 +244,13 @@ def target_after_light_head(target: dict, gflops_: dict) -> dict:
     return {"ratio": None, "flops_reduction": round(left, 4)}
 
 
-def ap_vs_gflops(ap: dict, steps: list[dict] | None, gflops_: dict) -> list[tuple[str, float, float]]:
-    """(stage, GFLOPs, AP fraction) along the run: the input, every progressive step, then the final size's stages."""
+def ap_vs_gflops(ap: dict, steps: list[dict] | None, gflops_: dict,
+                 light_head_info: dict | None = None) -> list[tuple[str, float, float]]:
+    """(stage, GFLOPs, AP fraction) along the run: the input, the fitted light head or every progressive step, then
+    the final size's stages."""
     points = [("before", gflops_["before"], (ap.get("before") or {}).get("ap"))]
+    if light_head_info:
+        points.append(("light head", light_head_info["gflops"]["after"], (ap.get("light_head") or {}).get("ap")))
     points += [(f"step {r['step']}", r["gflops"], r["ap"]) for r in (steps or [])[1:]]
     points += [(stage, gflops_["after"], (ap.get(stage) or {}).get("ap")) for stage in ("pruned", "reconstructed", "finetuned")
                if stage in ap and not (steps and stage == "pruned")]  # after steps, "pruned" is the last step
@@ -285,6 +292,26 @@ def prune_summary(original: nn.Module, pruned: nn.Module, cfg: PruneConfig, hist
             "channels": {"before": conv_channels(original), "after": conv_channels(pruned)},
             "prunable_channels": {"before": None, "after": None}, "stage_pruned_share": {}, "layers": [],
             "settings": {"steps": cfg.steps, "step_epochs": cfg.step_epochs}}
+
+
+def _fit_class_branch(model: nn.Module, teacher: nn.Module, cfg: PruneConfig, data: str | None, imgsz: int) -> dict:
+    """Fit the light head's fresh class branch to the teacher's class logits on every image at hand (``--images``
+    and, unless label-free, the train split's images without their labels)."""
+    import torch
+
+    from yolocomp.data import check_images
+    from yolocomp.eval.images import dataset_images
+    from yolocomp.eval.preprocess import batches
+    from yolocomp.recon.class_branch import fit_class_branch
+
+    paths = list(check_images(cfg.images)) if cfg.images else []
+    if data is not None and not cfg.label_free:
+        paths += list(dataset_images(data, "train", missing_ok=True))
+    if not paths:
+        raise UserError("the light head's class branch needs images: pass --images DIR or --data with a train split")
+    images = (torch.from_numpy(b.array) for b in batches(paths, imgsz, 16))
+    report = fit_class_branch(model, deepcopy(teacher).float().eval(), images, iters=cfg.head_fit_iters)
+    return {"images": len(paths), **report}
 
 
 def _reconstruct(pruned: nn.Module, teacher: nn.Module, cfg: PruneConfig, channel_map: dict | None, data: str | None,

@@ -79,8 +79,11 @@ class PruneConfig(TrainingOptions):
                        "teacher; one C2f becomes a C3k2 so stock Ultralytics rebuilds it); auto: light for a one-shot "
                        "--flops-reduction cut with --recover kd where the model has the 3x3 branch",
                        hint="use auto, keep or light", choices=HEADS)
-    recon_head_iters: int = option(4000, "reconstruction iterations of the light class branch, which starts from scratch",
-                                   hint="use a number such as 4000", check=positive)
+    head_fit_iters: int = option(3000, "iterations fitting the light class branch to the teacher's class scores on every "
+                                 "image at hand (cached Detect inputs) before the cut; 0 leaves it to the reconstruction",
+                                 hint="use a number such as 3000, or 0", check=non_negative)
+    recon_head_iters: int = option(1000, "reconstruction iterations of the light head after the cut",
+                                   hint="use a number such as 1000", check=positive)
     reconstruct: bool | None = option(None, "fit each pruned block to the teacher's block output before recovery "
                                       "(unset: on with --recover kd)", hint="use true or false")
 

@@ -4,6 +4,7 @@ quantization later): a block is one entry of the detector's ``model.model``.
 """
 
 from yolocomp.recon.blocks import Block, detector_blocks
+from yolocomp.recon.class_branch import fit_class_branch
 from yolocomp.recon.engine import reconstruct
 
-__all__ = ["Block", "detector_blocks", "reconstruct"]
+__all__ = ["Block", "detector_blocks", "fit_class_branch", "reconstruct"]

@@ -74,17 +74,20 @@ STANDS_IN = {("C3k2", "C2f")}
 HEAD_LOSSES = ("mse", "kd")
 
 
-def head_kd_loss(out: torch.Tensor, target: torch.Tensor, nc: int) -> torch.Tensor:
-    """Fitting loss of a Detect block: MSE on the box distributions, and on the class logits the teacher's
-    probabilities as soft targets (binary cross-entropy summed over classes), each anchor weighted by the teacher's
-    confidence. On logits, MSE is ruled by the many background anchors and their very negative logits; this is what
-    lets a class branch learn from scratch."""
-    boxes = out.shape[1] - nc
-    box = nn.functional.mse_loss(out[:, :boxes], target[:, :boxes])
-    prob = target[:, boxes:].sigmoid()
+def class_kd_loss(logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """The teacher's class probabilities as soft targets (binary cross-entropy summed over classes, dim 1), each
+    anchor weighted by the teacher's confidence. On logits, MSE is ruled by the many background anchors and their very
+    negative logits; this is what lets a class branch learn from scratch."""
+    prob = teacher_logits.sigmoid()
     weight = prob.amax(1, keepdim=True).clamp_min(0.01)
-    bce = nn.functional.binary_cross_entropy_with_logits(out[:, boxes:], prob, reduction="none")
-    return box + (bce * weight).sum() / weight.sum()
+    bce = nn.functional.binary_cross_entropy_with_logits(logits, prob, reduction="none")
+    return (bce * weight).sum() / weight.sum()
+
+
+def head_kd_loss(out: torch.Tensor, target: torch.Tensor, nc: int) -> torch.Tensor:
+    """Fitting loss of a Detect block: MSE on the box distributions plus :func:`class_kd_loss` on the class logits."""
+    boxes = out.shape[1] - nc
+    return nn.functional.mse_loss(out[:, :boxes], target[:, :boxes]) + class_kd_loss(out[:, boxes:], target[:, boxes:])
 
 
 def _changed(student_block: Block, teacher_block: Block) -> bool:
