@@ -78,16 +78,17 @@ def fit_class_branch(student: nn.Module, teacher: nn.Module, batches: Iterable[t
     teacher's class probabilities; ``batches`` are image tensors (N, 3, H, W) in [0, 1]. The student's Detect must
     take the teacher's input widths (fit before pruning its inputs). BatchNorm trains on batch statistics and ends
     in eval mode with the running ones. Returns the report (images cached, loss at start and end, seconds)."""
-    head, _ = _check_heads(student, teacher)
+    head, teacher_head = _check_heads(student, teacher)
     widths = [branch[0][0].conv.in_channels if isinstance(branch[0], nn.Sequential) else branch[0].conv.in_channels
               for branch in head.cv3]
+    teacher_widths = [branch[0].conv.in_channels for branch in teacher_head.cv2]
+    if widths != teacher_widths:
+        raise UserError(f"the student's class branch takes {widths} channels, the teacher's Detect inputs have "
+                        f"{teacher_widths}; fit the class branch before pruning Detect's inputs")
     if iters < 1 or batch_size < 1 or lr <= 0:
         raise UserError(f"iters={iters}, batch_size={batch_size} must be >= 1 and lr={lr} > 0")
     started = time.perf_counter()
     inputs, targets = cache_head_inputs(teacher, batches, flip, max_bytes, progress)
-    if [x.shape[1] for x in inputs] != widths:
-        raise UserError(f"the student's class branch takes {widths} channels, the teacher's Detect inputs have "
-                        f"{[x.shape[1] for x in inputs]}; fit the class branch before pruning Detect's inputs")
     generator = torch.Generator().manual_seed(seed)
     params = list(head.cv3.parameters())
     optimizer = torch.optim.Adam(params, lr=lr)
