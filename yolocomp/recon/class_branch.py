@@ -115,7 +115,7 @@ def fit_class_branch(student: nn.Module, teacher: nn.Module, batches: Iterable[t
         head.cv3.eval()
         for bn, momentum in momenta.items():
             bn.momentum = momentum
-    window = max(1, iters // 20)
+    window = warmup  # the loss averaged over the first and last twentieth of the fit
     return {"views": count, "iters": iters, "batch": batch_size, "lr": lr,
             "loss_start": round(sum(losses[:window]) / window, 4), "loss_end": round(sum(losses[-window:]) / window, 4),
             "cache_mb": round(sum(2 * (x.numel() + t.numel()) for x, t in zip(inputs, targets)) / 2**20, 1),
