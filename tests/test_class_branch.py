@@ -35,7 +35,7 @@ def _images(seed: int, n: int) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def _class_loss(student, teacher, images) -> float:
-    inputs, targets = cache_head_inputs(teacher, images, flip=False, progress=False)
+    inputs, targets = cache_head_inputs(teacher, images, flip=False, progress=False, student=student)
     head = student.model[-1]  # the excess over the loss's minimum, the teacher itself
     return float(sum(class_kd_loss(branch(x.float()), t.float()) - class_kd_loss(t.float(), t.float())
                      for branch, x, t in zip(head.cv3, inputs, targets)))
@@ -80,10 +80,32 @@ def test_the_cache_stops_at_its_memory_cap(pair):
     assert 20 <= len(capped[0]) < 20 + 16  # whole batches (and their mirrors) up to the first one past the cap
 
 
-def test_a_student_with_pruned_detect_inputs_or_no_images_is_refused(pair):
+def test_the_cache_takes_the_students_own_inputs_and_the_teachers_logits(pair):
     teacher, student = pair
     pruned, _ = prune_model(deepcopy(student), ratio=0.3, method="l1", imgsz=IMG)
-    with pytest.raises(UserError, match="before pruning"):
-        fit_class_branch(pruned, teacher, _images(0, 8), iters=1, progress=False)
+    widths = [branch[0].conv.in_channels for branch in pruned.model[-1].cv2]
+    assert widths != [branch[0].conv.in_channels for branch in teacher.model[-1].cv2]  # Detect's inputs were cut
+    inputs, targets = cache_head_inputs(teacher, _images(0, 8), flip=False, progress=False, student=pruned)
+    assert [x.shape[1] for x in inputs] == widths
+    _, teacher_targets = cache_head_inputs(teacher, _images(0, 8), flip=False, progress=False)
+    assert all(torch.equal(t, u) for t, u in zip(targets, teacher_targets))
+
+
+def test_a_pruned_student_fits_on_its_own_inputs(pair):
+    teacher, student = pair
+    pruned, _ = prune_model(deepcopy(student), ratio=0.3, method="l1", imgsz=IMG)
+    held_out = _images(1, 16)
+    before = _class_loss(pruned, teacher, held_out)
+    fit_class_branch(pruned, teacher, _images(0, 32), iters=150, batch_size=8, lr=3e-3, progress=False)
+    assert _class_loss(pruned, teacher, held_out) < 0.7 * before
+
+
+def test_teacher_inputs_with_pruned_detect_inputs_bad_inputs_or_no_images_are_refused(pair):
+    teacher, student = pair
+    pruned, _ = prune_model(deepcopy(student), ratio=0.3, method="l1", imgsz=IMG)
+    with pytest.raises(UserError, match="inputs='student'"):
+        fit_class_branch(pruned, teacher, _images(0, 8), iters=1, inputs="teacher", progress=False)
+    with pytest.raises(UserError, match="inputs 'features' unknown"):
+        fit_class_branch(deepcopy(student), teacher, _images(0, 8), iters=1, inputs="features", progress=False)
     with pytest.raises(UserError, match="no images"):
         fit_class_branch(deepcopy(student), teacher, [], iters=1, progress=False)

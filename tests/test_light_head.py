@@ -9,6 +9,7 @@ import torch
 from test_prune import randomized
 from torch import nn
 
+from yolocomp.config.prune import LIGHT_HEAD_LAYER_CAP
 from yolocomp.errors import UserError
 from yolocomp.eval.info import gflops
 from yolocomp.prune import prune_model
@@ -155,12 +156,18 @@ def test_prune_with_the_light_head_meets_the_target_against_the_input_model(tmp_
     report = json.loads((out / "report.json").read_text())
     fit = report["recovery"]["class_branch_fit"]
     assert fit["iters"] == 20 and fit["views"] == 2 * fit["images"] > 0  # every train image and its mirror
+    assert fit["inputs"] == "student"  # the converted model's own Detect inputs
+    converted = fit["converted_blocks"]  # the C3k2 was reconstructed first, and only it
+    assert [b["layer"] for b in converted] == [report["recovery"]["light_head"]["c3k2_layer"]]
+    assert converted[0]["type"] == "C3k2" and converted[0]["error_after"] <= converted[0]["error_before"]
     assert report["ap_vs_gflops"][1]["stage"] == "light head"
     original = YOLO(str(tiny_detector["pt"])).model
     assert report["gflops"]["before"] == pytest.approx(gflops(original, 64), rel=1e-3)
     assert report["achieved"]["flops_reduction"] == pytest.approx(0.3, abs=0.03)
     assert report["target"]["flops_reduction"] == 0.3
     assert report["recovery"]["light_head"]["gflops"]["after"] < report["gflops"]["before"]
+    assert report["settings"]["max_layer_ratio"] == LIGHT_HEAD_LAYER_CAP  # the cut after the light head is spread
+    assert all(r["out_kept"] >= (1 - LIGHT_HEAD_LAYER_CAP) * r["out_total"] for r in report["layers"])
     for name in ("pruned.pt", "finetuned.pt"):
         model = YOLO(str(out / name)).model
         assert has_light_head(model) and any(type(m).__name__ == "C3k2" for m in model.model)
@@ -218,3 +225,22 @@ def test_auto_head_takes_the_light_branch_only_where_it_applies():
         _light_head_start(v8, cfg(head="light"), "bn", {"ratio": None, "flops_reduction": share / 2}, IMG, (), {})
     every_c2f = tuple(convertible_layers(v8))
     assert _light_head_start(v8, cfg(), "bn", {"ratio": None, "flops_reduction": 0.3}, IMG, every_c2f, {}) is None
+
+
+def test_the_cut_after_the_light_head_is_capped_per_layer_unless_the_cap_cannot_reach_the_target():
+    from yolocomp.commands.prune import _cut
+    from yolocomp.recipe import stage_config
+
+    light, _ = light_head(randomized(), "l1", imgsz=IMG)
+    cfg = stage_config("prune", {"recover": "kd", "method": "l1", "flops_reduction": 0.3})
+    notes: list[str] = []
+    _, capped = _cut(light, {"ratio": None, "flops_reduction": 0.15}, cfg, (), IMG, None, True, notes)
+    _, free = _cut(light, {"ratio": None, "flops_reduction": 0.15}, cfg, (), IMG, None, False, notes)
+    assert capped["settings"]["max_layer_ratio"] == LIGHT_HEAD_LAYER_CAP and free["settings"]["max_layer_ratio"] is None
+    assert not notes and all(r["out_kept"] >= 0.7 * r["out_total"] for r in capped["layers"])
+    assert min(r["out_kept"] / r["out_total"] for r in free["layers"]) < 0.7  # unconstrained, the cut goes deeper
+    _, fallback = _cut(light, {"ratio": None, "flops_reduction": 0.6}, cfg, (), IMG, None, True, notes)
+    assert fallback["settings"]["max_layer_ratio"] is None and "cannot reach the target" in notes[0]
+    user = stage_config("prune", {"recover": "kd", "method": "l1", "flops_reduction": 0.3, "max_layer_ratio": 0.3})
+    with pytest.raises(UserError, match="cannot be reached"):  # a cap the user set is never dropped
+        _cut(light, {"ratio": None, "flops_reduction": 0.6}, user, (), IMG, None, True, [])

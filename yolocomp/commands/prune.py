@@ -8,12 +8,13 @@ from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from yolocomp.commands.common import StageResult, kd_training_data, size_mb, warn_if_untrained, work_dir
 from yolocomp.config import PruneConfig
 from yolocomp.config.options import settings
-from yolocomp.config.prune import KD_RECOVERY_TRAIN_DEFAULTS
+from yolocomp.config.prune import KD_RECOVERY_TRAIN_DEFAULTS, LIGHT_HEAD_LAYER_CAP
 from yolocomp.distill.frozen_bn import FrozenBatchNorm
 from yolocomp.errors import UserError
 from yolocomp.prune.light_head import light_head
@@ -122,12 +123,10 @@ def prune(
         base, light = trained, _light_head_start(trained, cfg, method, target, imgsz, ignore, recovery)
         if light is not None:
             base, target = light
-            if cfg.head_fit_iters:  # on the full-width model, where the teacher's Detect inputs fit it as they are
+            if cfg.head_fit_iters:  # before the cut, on the converted model's own Detect inputs and many images
                 recovery["class_branch_fit"] = _fit_class_branch(base, original, cfg, data_abs, imgsz)
                 ap["light_head"] = _evaluate(base, eval_data, imgsz, device, batch)
-        pruned, summary = prune_model(base, **target, method=method, min_channels=cfg.min_channels,
-                                      round_to=cfg.round_to, ignore=ignore, imgsz=imgsz, calib=calib,
-                                      max_layer_ratio=cfg.max_layer_ratio)
+        pruned, summary = _cut(base, target, cfg, ignore, imgsz, calib, light is not None, notes)
         if light is not None:  # the report compares with the input model, not with the converted one
             summary["gflops"]["before"] = recovery["light_head"]["gflops"]["before"]
             summary["params"]["before"] = count_params(trained)
@@ -232,6 +231,22 @@ def _light_head_start(model: nn.Module, cfg: PruneConfig, method: str, target: d
     return None
 
 
+def _cut(model: nn.Module, target: dict, cfg: PruneConfig, ignore: tuple[int, ...], imgsz: int, calib: Any,
+         light: bool, notes: list[str]) -> tuple[nn.Module, dict]:
+    """The one-shot cut. After the light head, unless ``--max-layer-ratio`` is set, each layer loses at most
+    :data:`LIGHT_HEAD_LAYER_CAP` of its channels; a target that cap cannot reach is cut without it."""
+    cap = cfg.max_layer_ratio if cfg.max_layer_ratio is not None or not light else LIGHT_HEAD_LAYER_CAP
+    args = {**target, "method": cfg.method, "min_channels": cfg.min_channels, "round_to": cfg.round_to,
+            "ignore": ignore, "imgsz": imgsz, "calib": calib}
+    try:
+        return prune_model(model, **args, max_layer_ratio=cap)
+    except UserError:
+        if cap == cfg.max_layer_ratio:
+            raise
+    notes.append(f"the default per-layer cap {cap} after the light head cannot reach the target: cut without a cap")
+    return prune_model(model, **args, max_layer_ratio=None)
+
+
 def target_after_light_head(target: dict, gflops_: dict) -> dict:
     """The cut still to make once the light head has removed its share: a FLOPs target stays relative to the input
     model (a channel ratio applies to the backbone and neck as it is)."""
@@ -295,13 +310,13 @@ def prune_summary(original: nn.Module, pruned: nn.Module, cfg: PruneConfig, hist
 
 
 def _fit_class_branch(model: nn.Module, teacher: nn.Module, cfg: PruneConfig, data: str | None, imgsz: int) -> dict:
-    """Fit the light head's fresh class branch to the teacher's class logits on every image at hand (``--images``
-    and, unless label-free, the train split's images without their labels)."""
-    import torch
-
+    """Prepare the light head before the cut: reconstruct the block the conversion changed (its halved bottleneck),
+    then fit the fresh class branch to the teacher's class logits on every image at hand (``--images`` and, unless
+    label-free, the train split's images without their labels)."""
     from yolocomp.data import check_images
     from yolocomp.eval.images import dataset_images
     from yolocomp.eval.preprocess import batches
+    from yolocomp.recon import reconstruct
     from yolocomp.recon.class_branch import fit_class_branch
 
     paths = list(check_images(cfg.images)) if cfg.images else []
@@ -309,21 +324,23 @@ def _fit_class_branch(model: nn.Module, teacher: nn.Module, cfg: PruneConfig, da
         paths += list(dataset_images(data, "train", missing_ok=True))
     if not paths:
         raise UserError("the light head's class branch needs images: pass --images DIR or --data with a train split")
+    frozen = deepcopy(teacher).float().eval()
+    fit, held_out = _recon_images(cfg, data, imgsz)
+    rebuilt = reconstruct(model, frozen, fit, held_out=held_out, fit="changed", iters=cfg.recon_iters, head_iters=0)
+    converted = [{k: r[k] for k in ("layer", "type", "error_before", "error_after")} for r in rebuilt["blocks"]
+                 if r["fitted"]]
     images = (torch.from_numpy(b.array) for b in batches(paths, imgsz, 16))
-    report = fit_class_branch(model, deepcopy(teacher).float().eval(), images, iters=cfg.head_fit_iters)
-    return {"images": len(paths), **report}
+    report = fit_class_branch(model, frozen, images, iters=cfg.head_fit_iters)
+    return {"images": len(paths), "converted_blocks": converted, **report,
+            "seconds": round(rebuilt["seconds"] + report["seconds"], 1)}
 
 
-def _reconstruct(pruned: nn.Module, teacher: nn.Module, cfg: PruneConfig, channel_map: dict | None, data: str | None,
-                 imgsz: int, light_head_info: dict | None = None) -> dict:
-    """Fit each pruned block to the uncompressed model's output of that block (inputs from the already fitted
-    student), on unlabelled images when given, else the train split."""
-    import torch
-
+def _recon_images(cfg: PruneConfig, data: str | None, imgsz: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to ``cfg.recon_images`` images spread over ``--images`` (else the train split), as (fit, held out): a
+    quarter is held out, where a block whose error grows is reverted."""
     from yolocomp.data import check_images
     from yolocomp.eval.images import dataset_images
     from yolocomp.eval.preprocess import batches
-    from yolocomp.recon import reconstruct
 
     paths = check_images(cfg.images) if cfg.images else dataset_images(data, "train", missing_ok=True)
     if not paths:
@@ -331,15 +348,25 @@ def _reconstruct(pruned: nn.Module, teacher: nn.Module, cfg: PruneConfig, channe
     step = max(1, len(paths) // cfg.recon_images)  # spread over the folder, not its first files
     chosen = paths[::step][: cfg.recon_images]
     images = torch.cat([torch.from_numpy(b.array) for b in batches(chosen, imgsz, 8)])
-    split = len(images) - max(1, len(images) // 4)  # a quarter held out: a block whose error grows there is reverted
+    split = len(images) - max(1, len(images) // 4)
+    return images[:split], images[split:]
+
+
+def _reconstruct(pruned: nn.Module, teacher: nn.Module, cfg: PruneConfig, channel_map: dict | None, data: str | None,
+                 imgsz: int, light_head_info: dict | None = None) -> dict:
+    """Fit each pruned block to the uncompressed model's output of that block (inputs from the already fitted
+    student), on unlabelled images when given, else the train split."""
+    from yolocomp.recon import reconstruct
+
+    fit, held_out = _recon_images(cfg, data, imgsz)
     light = bool(light_head_info)  # a class branch that starts from scratch: its own loss and more iterations
-    report = reconstruct(pruned, deepcopy(teacher).float().eval(), images[:split], held_out=images[split:],
+    report = reconstruct(pruned, deepcopy(teacher).float().eval(), fit, held_out=held_out,
                          channel_map=channel_map, iters=cfg.recon_iters, progress=True,
                          head_loss="kd" if light else "mse", head_iters=cfg.recon_head_iters if light else None)
     if light:
         from yolocomp.prune.light_head import settle_batchnorm
 
-        settle_batchnorm(pruned, f"model.{len(pruned.model) - 1}.cv3.", images)
+        settle_batchnorm(pruned, f"model.{len(pruned.model) - 1}.cv3.", torch.cat([fit, held_out]))
     return {k: report[k] for k in ("head_error", "images", "seconds") if k in report}
 
 

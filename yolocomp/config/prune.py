@@ -21,6 +21,10 @@ KD_RECOVERY_TRAIN_DEFAULTS = {"optimizer": "AdamW", "lr0": 3e-4, "warmup_epochs"
 #: keep: Detect as it is; light: YOLO11's depthwise class branch (yolocomp.prune.light_head), fitted to the teacher;
 #: auto: light where it applies (PruneConfig.wants_light_head), else keep
 HEADS = ("auto", "keep", "light")
+#: Per-layer cap of the cut that follows the light head (unless --max-layer-ratio is set): the few channels left to
+#: remove, spread over many layers, reconstruct far better than the same FLOPs taken deep out of the cheapest layers
+#: (tools/README.md, "Recovery defaults").
+LIGHT_HEAD_LAYER_CAP = 0.3
 ATTENTIONS = ("eca", "se")
 SPARSITY_SCHEDULES = ("constant", "linear_decay")
 
@@ -46,7 +50,8 @@ class PruneConfig(TrainingOptions):
     attention: str = option("eca", "CAP's attention gate", hint="use eca or se", choices=ATTENTIONS)
     min_channels: int = option(8, "fewest channels a layer keeps", hint="use a channel floor such as 8", check=positive)
     round_to: int = option(8, "kept channels are a multiple of this", hint="use a channel multiple such as 8", check=positive)
-    max_layer_ratio: float | None = option(None, "largest share of one layer's channels to remove (unset: no cap)",
+    max_layer_ratio: float | None = option(None, "largest share of one layer's channels to remove (unset: no cap, or "
+                                           f"{LIGHT_HEAD_LAYER_CAP} for the cut after the light head)",
                                            hint="use a per-layer cap such as 0.6", check=valid_ratio)
     ignore: list[int] = option([], "layer indices never pruned", hint="use a list of layer indices such as [9, 10]",
                                metavar="LAYER")

@@ -1,13 +1,13 @@
-"""``fit_class_branch``: fit a student's Detect class branch to the teacher's class logits on the teacher's own Detect
-inputs, cached once for many images.
+"""``fit_class_branch``: fit a student's Detect class branch to the teacher's class logits on Detect inputs cached
+once for many images.
 
 A class branch that starts from scratch (the light head) needs far more images than block reconstruction fits on:
 fitted inside the reconstruction it sees a few hundred images hundreds of times and learns them rather than the
-teacher. Here only the teacher runs on each image (and its mirror), once; its Detect inputs and class logits are
-kept in half precision up to a memory cap, and the branch trains on random batches of that cache, which costs a
-fraction of a forward pass per image. The loss is :func:`class_kd_loss`: the teacher's probabilities as soft
-targets, each anchor weighted by the teacher's confidence.
-"""
+teacher. Here student and teacher run once on each image (and its mirror); the student's Detect inputs (what the
+branch will see, as in block reconstruction) and the teacher's class logits are kept in half precision up to a
+memory cap, and the branch trains on random batches of that cache, which costs a fraction of a forward pass per
+image. The loss is :func:`class_kd_loss`: the teacher's probabilities as soft targets, each anchor weighted by the
+teacher's confidence."""
 
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ from yolocomp.recon.engine import class_kd_loss
 
 #: Default cap on the cached Detect inputs and logits (half precision).
 CACHE_BYTES = 2 * 1024**3
+#: Whose Detect inputs the branch learns on.
+FIT_INPUTS = ("student", "teacher")
 
 
 def _check_heads(student: nn.Module, teacher: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -39,24 +41,34 @@ def _check_heads(student: nn.Module, teacher: nn.Module) -> tuple[nn.Module, nn.
 
 @torch.no_grad()
 def cache_head_inputs(teacher: nn.Module, batches: Iterable[torch.Tensor], flip: bool = True,
-                      max_bytes: int = CACHE_BYTES, progress: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The teacher's Detect inputs and class logits per level (half precision), for each image and, with ``flip``,
-    its mirror; stops adding images once ``max_bytes`` is reached."""
-    head = teacher.model[-1]
+                      max_bytes: int = CACHE_BYTES, progress: bool = True,
+                      student: nn.Module | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Detect inputs and the teacher's class logits per level (half precision), for each image and, with ``flip``,
+    its mirror; stops adding images once ``max_bytes`` is reached. The inputs are the teacher's own, or with
+    ``student`` that model's (its features as they are, targets still from the teacher)."""
+    models = {"teacher": teacher, **({"student": student} if student is not None else {})}
     captured: dict[str, list[torch.Tensor]] = {}
-    hook = head.register_forward_pre_hook(lambda _m, args: captured.__setitem__("x", list(args[0])))
+
+    def capture(key: str):
+        return lambda _m, args: captured.__setitem__(key, list(args[0]))
+
+    hooks = [m.model[-1].register_forward_pre_hook(capture(key)) for key, m in models.items()]
+    head = teacher.model[-1]
+    source = "student" if student is not None else "teacher"
     inputs: list[list[torch.Tensor]] = [[] for _ in head.cv3]
     logits: list[list[torch.Tensor]] = [[] for _ in head.cv3]
     used = 0
-    was = teacher.training
-    teacher.eval()
+    modes = {key: m.training for key, m in models.items()}
     device = next(teacher.parameters()).device
     try:
+        for m in models.values():
+            m.eval()
         for batch in tqdm(batches, desc="cache head inputs", disable=not progress, leave=False):
             for view in (batch, batch.flip(-1)) if flip else (batch,):
-                teacher(view.to(device).float())
-                for level, x in enumerate(captured["x"]):
-                    inputs[level].append(x.half().cpu())
+                for m in models.values():
+                    m(view.to(device).float())
+                for level, x in enumerate(captured["teacher"]):
+                    inputs[level].append(captured[source][level].half().cpu())
                     logits[level].append(head.cv3[level](x).half().cpu())
                     used += 2 * (inputs[level][-1].numel() + logits[level][-1].numel())
                 if used >= max_bytes:
@@ -64,8 +76,10 @@ def cache_head_inputs(teacher: nn.Module, batches: Iterable[torch.Tensor], flip:
             if used >= max_bytes:
                 break
     finally:
-        hook.remove()
-        teacher.train(was)
+        for h in hooks:
+            h.remove()
+        for key, m in models.items():
+            m.train(modes[key])
     if not inputs[0]:
         raise UserError("fit_class_branch got no images; pass --images DIR or --data with a train split")
     return [torch.cat(x) for x in inputs], [torch.cat(x) for x in logits]
@@ -73,22 +87,27 @@ def cache_head_inputs(teacher: nn.Module, batches: Iterable[torch.Tensor], flip:
 
 def fit_class_branch(student: nn.Module, teacher: nn.Module, batches: Iterable[torch.Tensor], iters: int = 3000,
                      batch_size: int = 16, lr: float = 3e-3, flip: bool = True, max_bytes: int = CACHE_BYTES,
-                     seed: int = 0, progress: bool = True) -> dict:
-    """Train only ``student``'s Detect class branch (cv3) so that, on the teacher's Detect inputs, it gives the
-    teacher's class probabilities; ``batches`` are image tensors (N, 3, H, W) in [0, 1]. The student's Detect must
-    take the teacher's input widths (fit before pruning its inputs). BatchNorm trains on batch statistics and ends
-    in eval mode with the running ones. Returns the report (images cached, loss at start and end, seconds)."""
+                     seed: int = 0, inputs: str = "student", progress: bool = True) -> dict:
+    """Train only ``student``'s Detect class branch (cv3) so that it gives the teacher's class probabilities;
+    ``batches`` are image tensors (N, 3, H, W) in [0, 1]. ``inputs``: the branch learns on the student's own Detect
+    inputs (``student``: what it will see, as block reconstruction does) or on the teacher's (``teacher``: the
+    student's Detect must then take the teacher's widths). BatchNorm trains on batch statistics and ends in eval mode
+    with the running ones. Returns the report (images cached, loss at start and end, seconds)."""
     head, teacher_head = _check_heads(student, teacher)
+    if inputs not in FIT_INPUTS:
+        raise UserError(f"inputs '{inputs}' unknown; use one of {FIT_INPUTS}")
     widths = [branch[0][0].conv.in_channels if isinstance(branch[0], nn.Sequential) else branch[0].conv.in_channels
               for branch in head.cv3]
     teacher_widths = [branch[0].conv.in_channels for branch in teacher_head.cv2]
-    if widths != teacher_widths:
+    if inputs == "teacher" and widths != teacher_widths:
         raise UserError(f"the student's class branch takes {widths} channels, the teacher's Detect inputs have "
-                        f"{teacher_widths}; fit the class branch before pruning Detect's inputs")
+                        f"{teacher_widths}; fit on the student's own inputs (inputs='student') or before pruning "
+                        "Detect's inputs")
     if iters < 1 or batch_size < 1 or lr <= 0:
         raise UserError(f"iters={iters}, batch_size={batch_size} must be >= 1 and lr={lr} > 0")
     started = time.perf_counter()
-    inputs, targets = cache_head_inputs(teacher, batches, flip, max_bytes, progress)
+    features, targets = cache_head_inputs(teacher, batches, flip, max_bytes, progress,
+                                          student if inputs == "student" else None)
     generator = torch.Generator().manual_seed(seed)
     params = list(head.cv3.parameters())
     optimizer = torch.optim.Adam(params, lr=lr)
@@ -99,13 +118,13 @@ def fit_class_branch(student: nn.Module, teacher: nn.Module, batches: Iterable[t
     for bn in momenta:
         bn.momentum = 0.03  # running statistics averaged over many batches, as Ultralytics trains them
     device = next(head.parameters()).device
-    count, losses = len(inputs[0]), []
+    count, losses = len(features[0]), []
     head.cv3.train()
     try:
         for _ in tqdm(range(iters), desc="fit class branch", disable=not progress, leave=False):
             pick = torch.randint(count, (min(batch_size, count),), generator=generator)
             loss = sum(class_kd_loss(branch(x[pick].to(device).float()), t[pick].to(device).float())
-                       for branch, x, t in zip(head.cv3, inputs, targets))
+                       for branch, x, t in zip(head.cv3, features, targets))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -116,7 +135,7 @@ def fit_class_branch(student: nn.Module, teacher: nn.Module, batches: Iterable[t
         for bn, momentum in momenta.items():
             bn.momentum = momentum
     window = warmup  # the loss averaged over the first and last twentieth of the fit
-    return {"views": count, "iters": iters, "batch": batch_size, "lr": lr,
+    return {"views": count, "inputs": inputs, "iters": iters, "batch": batch_size, "lr": lr,
             "loss_start": round(sum(losses[:window]) / window, 4), "loss_end": round(sum(losses[-window:]) / window, 4),
-            "cache_mb": round(sum(2 * (x.numel() + t.numel()) for x, t in zip(inputs, targets)) / 2**20, 1),
+            "cache_mb": round(sum(2 * (x.numel() + t.numel()) for x, t in zip(features, targets)) / 2**20, 1),
             "seconds": round(time.perf_counter() - started, 1)}
