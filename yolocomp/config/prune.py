@@ -85,7 +85,8 @@ class PruneConfig(TrainingOptions):
                        "--flops-reduction cut with --recover kd where the model has the 3x3 branch",
                        hint="use auto, keep or light", choices=HEADS)
     head_fit_iters: int = option(3000, "iterations fitting the light class branch to the teacher's class scores on every "
-                                 "image at hand (cached Detect inputs) before the cut; 0 leaves it to the reconstruction "
+                                 "image at hand (cached Detect inputs) before the cut, after the converted C3k2 is "
+                                 "reconstructed; 0 skips both and leaves the branch to the reconstruction after the cut "
                                  "(then raise recon_head_iters, e.g. to 4000)",
                                  hint="use a number such as 3000, or 0", check=non_negative)
     recon_head_iters: int = option(1000, "reconstruction iterations of the light head after the cut",
