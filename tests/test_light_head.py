@@ -157,6 +157,9 @@ def test_prune_with_the_light_head_meets_the_target_against_the_input_model(tmp_
     fit = report["recovery"]["class_branch_fit"]
     assert fit["iters"] == 20 and fit["views"] == 2 * fit["images"] > 0  # every train image and its mirror
     assert fit["inputs"] == "student"  # the converted model's own Detect inputs
+    # at 64 px 7 strides reach past half the image, so the box branch narrows to 8 bins by default
+    assert report["recovery"]["light_head"]["box_branch"]["reg_max"] == {"before": 16, "after": 8}
+    assert fit["branches"] == ["cls", "box"]
     converted = fit["converted_blocks"]  # the C3k2 was reconstructed first, and only it
     assert [b["layer"] for b in converted] == [report["recovery"]["light_head"]["c3k2_layer"]]
     assert converted[0]["type"] == "C3k2" and converted[0]["error_after"] <= converted[0]["error_before"]
@@ -171,6 +174,7 @@ def test_prune_with_the_light_head_meets_the_target_against_the_input_model(tmp_
     for name in ("pruned.pt", "finetuned.pt"):
         model = YOLO(str(out / name)).model
         assert has_light_head(model) and any(type(m).__name__ == "C3k2" for m in model.model)
+        assert model.model[-1].reg_max == 8
         assert gflops(model, 64) == pytest.approx(report["gflops"]["after"], rel=1e-3)
 
 

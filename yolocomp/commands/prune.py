@@ -14,7 +14,7 @@ from torch import nn
 from yolocomp.commands.common import StageResult, kd_training_data, size_mb, warn_if_untrained, work_dir
 from yolocomp.config import PruneConfig
 from yolocomp.config.options import settings
-from yolocomp.config.prune import KD_RECOVERY_TRAIN_DEFAULTS, LIGHT_HEAD_LAYER_CAP
+from yolocomp.config.prune import AUTO_BOX_BINS, KD_RECOVERY_TRAIN_DEFAULTS, LIGHT_HEAD_LAYER_CAP
 from yolocomp.distill.frozen_bn import FrozenBatchNorm
 from yolocomp.errors import UserError
 from yolocomp.prune.light_head import light_head
@@ -212,21 +212,29 @@ def _light_head_start(model: nn.Module, cfg: PruneConfig, method: str, target: d
                       ignore: tuple[int, ...], recovery: dict) -> tuple[nn.Module, dict] | None:
     """``(converted model, cut still to make)`` when the cut starts with the light head, else None; ``recovery["head"]``
     records the choice."""
-    from yolocomp.prune.light_head import convertible_layers, has_light_head
+    from yolocomp.prune.light_head import auto_box_bins, convertible_layers, has_light_head
 
     wanted = cfg.wants_light_head()
     if wanted is None:  # auto: only where the model has the 3x3 branch and the swap alone stays inside the target
         wanted = not has_light_head(model) and bool(set(convertible_layers(model)) - set(ignore))
     if wanted:
-        converted, info = light_head(model, method, imgsz=imgsz, ignore=ignore)
-        try:
-            cut = target_after_light_head(target, info["gflops"])
-        except UserError:
-            if cfg.head == "light":
-                raise
-        else:
-            recovery.update(head="light", light_head=info)
-            return converted, cut
+        bins = cfg.box_bins if cfg.box_bins is not None else auto_box_bins(model, imgsz, AUTO_BOX_BINS)
+        # an automatic narrow box branch that alone overshoots the target gives way to the class branch alone
+        tries = [bins, None] if bins is not None and cfg.box_bins is None else [bins]
+        for k, box_bins in enumerate(tries):
+            converted, info = light_head(model, method, imgsz=imgsz, ignore=ignore, box_bins=box_bins)
+            try:
+                cut = target_after_light_head(target, info["gflops"])
+            except UserError:
+                if cfg.head == "light" and k == len(tries) - 1:
+                    raise
+            else:
+                recovery.update(head="light", light_head=info)
+                return converted, cut
+    if cfg.box_bins is not None:
+        raise UserError("--box-bins narrows the light head's box branch, but this cut keeps Detect as it is (the light "
+                        "head needs a one-shot --flops-reduction cut with --recover kd and a C2f to convert); drop "
+                        "--box-bins")
     recovery["head"] = "keep"
     return None
 
@@ -330,9 +338,14 @@ def _fit_class_branch(model: nn.Module, teacher: nn.Module, cfg: PruneConfig, da
     converted = [{k: r[k] for k in ("layer", "type", "error_before", "error_after")} for r in rebuilt["blocks"]
                  if r["fitted"]]
     images = (torch.from_numpy(b.array) for b in batches(paths, imgsz, 16))
-    report = fit_class_branch(model, frozen, images, iters=cfg.head_fit_iters)
+    report = fit_class_branch(model, frozen, images, iters=cfg.head_fit_iters, box=narrowed_box_branch(model, frozen))
     return {"images": len(paths), "converted_blocks": converted, **report,
             "seconds": round(rebuilt["seconds"] + report["seconds"], 1)}
+
+
+def narrowed_box_branch(student: nn.Module, teacher: nn.Module) -> bool:
+    """Whether the student's Detect has fewer DFL bins than the teacher's (``--box-bins``): its box branch is new."""
+    return int(student.model[-1].reg_max) < int(teacher.model[-1].reg_max)
 
 
 def _recon_images(cfg: PruneConfig, data: str | None, imgsz: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -366,7 +379,10 @@ def _reconstruct(pruned: nn.Module, teacher: nn.Module, cfg: PruneConfig, channe
     if light:
         from yolocomp.prune.light_head import settle_batchnorm
 
-        settle_batchnorm(pruned, f"model.{len(pruned.model) - 1}.cv3.", torch.cat([fit, held_out]))
+        d = len(pruned.model) - 1
+        branches = ("cv3", "cv2") if narrowed_box_branch(pruned, teacher) else ("cv3",)
+        for branch in branches:
+            settle_batchnorm(pruned, f"model.{d}.{branch}.", torch.cat([fit, held_out]))
     return {k: report[k] for k in ("head_error", "images", "seconds") if k in report}
 
 

@@ -25,6 +25,11 @@ HEADS = ("auto", "keep", "light")
 #: remove, spread over many layers, reconstruct far better than the same FLOPs taken deep out of the cheapest layers
 #: (tools/README.md, "Recovery defaults").
 LIGHT_HEAD_LAYER_CAP = 0.3
+#: DFL bins of the light head's box branch unless --box-bins is set, where the model has more and 7 strides of its
+#: coarsest level reach half the image (every box can then be drawn from its centre anchor: up to 448 px at stride
+#: 32): Detect's box branch narrows with them, so the cut left for backbone and neck is far smaller (tools/README.md,
+#: "Recovery defaults").
+AUTO_BOX_BINS = 8
 ATTENTIONS = ("eca", "se")
 SPARSITY_SCHEDULES = ("constant", "linear_decay")
 
@@ -89,6 +94,13 @@ class PruneConfig(TrainingOptions):
                                  "reconstructed; 0 skips both and leaves the branch to the reconstruction after the cut "
                                  "(then raise recon_head_iters, e.g. to 4000)",
                                  hint="use a number such as 3000, or 0", check=non_negative)
+    box_bins: int | None = option(None, "DFL bins per box side of the light head; fewer than the model's reg_max (16) "
+                                  "narrow Detect's box branch to max(16, c/4, 4 x bins) channels, fitted to the teacher's "
+                                  "box distributions with the class branch, but a side then reaches only bins - 1 "
+                                  f"strides. Unset: {AUTO_BOX_BINS} where {AUTO_BOX_BINS - 1} strides of the coarsest "
+                                  "level reach half the image (imgsz <= 448 at stride 32), else the model's own; the "
+                                  "model's reg_max keeps the box branch",
+                                  hint="use a number of bins such as 8", check=at_least(2))
     recon_head_iters: int = option(1000, "reconstruction iterations of the light head after the cut",
                                    hint="use a number such as 1000", check=positive)
     reconstruct: bool | None = option(None, "fit each pruned block to the teacher's block output before recovery "
@@ -107,6 +119,14 @@ class PruneConfig(TrainingOptions):
                              "teacher)")
             if values.get("method", "bn") == "cap" or (values.get("steps") or 1) > 1:
                 found.append("head: light works with a one-shot bn, l1 or random cut (not cap or steps > 1)")
+        if values.get("box_bins") is not None:
+            head = values.get("head", "auto")
+            one_shot_kd = (values.get("recover", "labels") == "kd" and (values.get("steps") or 1) == 1
+                           and values.get("method", "bn") != "cap")
+            if head == "keep" or not one_shot_kd or (head == "auto" and values.get("flops_reduction") is None):
+                found.append("box_bins narrows the light head's box branch, which needs head: light (or auto with "
+                             "flops_reduction) and a one-shot bn, l1 or random cut with recover: kd; drop box_bins "
+                             "otherwise")
         if values.get("label_free") and not values.get("images"):
             found.append("label_free needs images (the unlabelled images to train on)")
         return found

@@ -121,8 +121,10 @@ class TeacherDistiller(Method):
             raise UserError(
                 f"student head has {s_head.nl} detection levels but the teacher {t_head.nl}; use a teacher of the same family"
             )
-        if getattr(s_head, "reg_max", None) != getattr(t_head, "reg_max", None):
-            raise UserError(f"student head uses reg_max={s_head.reg_max} but the teacher {t_head.reg_max}; use a teacher of the same family")
+        s_bins, t_bins = getattr(s_head, "reg_max", None), getattr(t_head, "reg_max", None)
+        if s_bins != t_bins and not (s_bins and t_bins and 2 <= s_bins < t_bins):
+            raise UserError(f"student head uses reg_max={s_bins} but the teacher {t_bins}; use a teacher of the same "
+                            "family (a student may have fewer DFL bins than its teacher, not more)")
 
     def prepare(self, model: nn.Module) -> bool:
         """Load and check the teacher; build the training-only modules on the student (reused when resumed)."""

@@ -5,7 +5,8 @@ For every anchor point a (student and teacher share strides and image size, henc
 * class KD: binary KL between ``sigmoid(t / T)`` and ``sigmoid(s / T)`` per class (YOLO's classes are independent
   sigmoids), summed over classes, times T^2;
 * DFL KD: KL between ``softmax(t / T)`` and ``softmax(s / T)`` over the ``reg_max`` bins of each box side, summed
-  over the 4 sides, times T^2 (localization distillation);
+  over the 4 sides, times T^2 (localization distillation); a student with fewer bins than its teacher learns the
+  teacher's distribution rebinned to its own (:mod:`yolocomp.distill.box_bins`);
 * both are averaged over anchors weighted by the teacher's confidence ``max_c sigmoid(t)`` normalised over the batch
   (:func:`anchor_weights`), so the few anchors on objects dominate rather than the many empty ones (like Ultralytics'
   own score-weighted feature distillation); with unlabelled images these weights are the only notion of "object".
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from yolocomp.distill.base import TeacherDistiller
+from yolocomp.distill.box_bins import rebin
 from yolocomp.errors import UserError
 
 
@@ -58,7 +60,8 @@ def head_kd_terms(student: dict, teacher: dict, reg_max: int, temperature: float
                   ) -> dict[str, torch.Tensor]:
     s_cls, t_cls = student["scores"].float(), teacher["scores"].float()
     s_box, t_box = student["boxes"].float(), teacher["boxes"].float()
-    if s_cls.shape != t_cls.shape or s_box.shape != t_box.shape:
+    bins = s_box.shape[1] // 4  # the student's; a teacher with more bins is rebinned to them
+    if s_cls.shape != t_cls.shape or s_box.shape[2:] != t_box.shape[2:] or not 0 < s_box.shape[1] <= t_box.shape[1]:
         raise UserError(f"student head outputs {tuple(s_cls.shape)} but teacher {tuple(t_cls.shape)}; use a teacher with the same classes and strides")
     T = temperature
     weight = anchor_weights(t_cls, confidence_weighting)  # (B, A), sums to 1
@@ -74,14 +77,16 @@ def head_kd_terms(student: dict, teacher: dict, reg_max: int, temperature: float
     if reg_max <= 1:  # heads without DFL bins (e.g. YOLO26) regress the 4 distances directly
         box_l1 = (s_box - t_box).abs().sum(1)
         return {"cls": cls, "dfl": (box_l1 * weight).sum()}
-    s_bins, t_bins = s_box.view(b, 4, reg_max, a) / T, t_box.view(b, 4, reg_max, a) / T
+    s_bins, t_bins = s_box.view(b, 4, bins, a) / T, t_box.view(b, 4, reg_max, a) / T
     with torch.no_grad():
         log_s, log_t = s_bins.log_softmax(2), t_bins.log_softmax(2)
-        p_s, p_t_bins = log_s.exp(), log_t.exp()
+        p_s, p_t_bins = log_s.exp(), rebin(log_t.exp(), bins, 2)  # the same ops on both: exactly equal at the teacher
+        if bins != reg_max:
+            log_t = p_t_bins.clamp_min(1e-30).log()
         dfl_kl = (p_t_bins * (log_t - log_s)).sum((1, 2))  # (B, A)
     # d/ds of T^2 * weight * KL(softmax(t/T) || softmax(s/T)) = T * weight * (softmax(s/T) - softmax(t/T)) per bin
     dfl_grad = (p_s - p_t_bins) * weight[:, None, None] * T
-    return {"cls": cls, "dfl": exact_gradient((dfl_kl * weight).sum() * T * T, s_box, dfl_grad.view(b, 4 * reg_max, a))}
+    return {"cls": cls, "dfl": exact_gradient((dfl_kl * weight).sum() * T * T, s_box, dfl_grad.view(b, 4 * bins, a))}
 
 
 class HeadKD(TeacherDistiller):

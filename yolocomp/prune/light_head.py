@@ -45,11 +45,12 @@ def _dropped_share(scores: dict[str, torch.Tensor], layer: int, model: nn.Module
 
 
 def light_head(model: nn.Module, importance: str | Any = "bn", layer: int | None = None,
-               imgsz: int = 640, ignore: tuple[int, ...] = ()) -> tuple[nn.Module, dict]:
+               imgsz: int = 640, ignore: tuple[int, ...] = (), box_bins: int | None = None) -> tuple[nn.Module, dict]:
     """A copy of ``model`` with YOLO11's depthwise class branch (freshly initialised) and ``layer`` (default: the C2f
     outside ``ignore`` whose halving drops the least importance) as a C3k2; returns ``(model, summary)``.
     ``importance`` ranks the bottleneck channels: a method name (``bn``, ``l1``, ``random``), a callable or ready
-    scores, as for pruning."""
+    scores, as for pruning. ``box_bins``: also give Detect this smaller ``reg_max`` (its box branch narrows to
+    ``max(16, c / 4, 4 * box_bins)``), the branch started from the kept slice of the old one (:func:`shrink_box_branch`)."""
     from yolocomp.eval.info import gflops
     from yolocomp.prune import compensate as comp
     from yolocomp.prune.graph import build_graph
@@ -73,12 +74,56 @@ def light_head(model: nn.Module, importance: str | Any = "bn", layer: int | None
     graph = build_graph(model, ignore, as_c3k2=[layer])
     producers = sorted({p for s in graph.prunable_spaces() for p, _ in s.producers})
     plan = Planner(graph, imp.compute(model, producers, importance), conv_costs(model, imgsz)).plan_for(0)  # nothing cut but the halved bottleneck
-    converted = build_pruned(model, graph, plan, fresh=f"model.{graph.detect_index}.cv3.")
+    d = graph.detect_index
+    reg_max = int(model.model[-1].reg_max)
+    if box_bins is not None and not 2 <= box_bins <= reg_max:
+        raise UserError(f"box_bins={box_bins} must be from 2 to the head's reg_max {reg_max}; use e.g. {reg_max // 2}, "
+                        f"or {reg_max} to keep the box branch")
+    box_bins = None if box_bins == reg_max else box_bins
+    fresh = (f"model.{d}.cv3.",) + ((f"model.{d}.cv2.", f"model.{d}.dfl.") if box_bins else ())
+    converted = build_pruned(model, graph, plan, fresh=fresh, yaml_overrides={"reg_max": box_bins} if box_bins else None)
     comp.compensate(model, converted, graph, plan, comp.analytic_means(model, graph))
     if not has_light_head(converted):
         raise AssertionError("Ultralytics did not build the light class branch from the C3k2 yaml")
-    return converted, {"c3k2_layer": layer,
-                       "gflops": {"before": round(gflops(model, imgsz), 4), "after": round(gflops(converted, imgsz), 4)}}
+    summary = {"c3k2_layer": layer}
+    if box_bins:
+        summary["box_branch"] = shrink_box_branch(model, converted, importance)
+    summary["gflops"] = {"before": round(gflops(model, imgsz), 4), "after": round(gflops(converted, imgsz), 4)}
+    return converted, summary
+
+
+def auto_box_bins(model: nn.Module, imgsz: int, bins: int) -> int | None:
+    """``bins`` when the model's Detect has more and ``bins - 1`` strides of its coarsest level reach half of an
+    ``imgsz`` image (so every box can still be drawn from the anchor at its centre), else None (keep the box branch)."""
+    head = model.model[-1]
+    reach = (bins - 1) * float(max(head.stride))
+    return bins if int(head.reg_max) > bins and 2 * reach >= imgsz else None
+
+
+@torch.no_grad()
+def shrink_box_branch(source: nn.Module, converted: nn.Module, importance: str | Any = "bn") -> dict:
+    """Start ``converted``'s narrower box branch (fewer DFL bins) from ``source``'s: each hidden conv keeps its most
+    important output channels, and the last conv the rows of every side's first bins. Returns the widths."""
+    old, new = source.model[-1], converted.model[-1]
+    r_old, r_new = int(old.reg_max), int(new.reg_max)
+    rows = torch.tensor([side * r_old + k for side in range(4) for k in range(r_new)])
+    d = len(source.model) - 1
+    widths = []
+    for level, (branch, target) in enumerate(zip(old.cv2, new.cv2)):
+        names = [f"model.{d}.cv2.{level}.{j}" for j in (0, 1)]
+        scores = imp.compute(source, names, importance)
+        keep_in = None
+        for name, conv, dst in zip(names, branch[:2], target[:2]):
+            keep = scores[name].argsort(descending=True)[: dst.conv.out_channels].sort().values
+            weight = conv.conv.weight[keep]
+            dst.conv.weight.copy_(weight if keep_in is None else weight[:, keep_in])
+            for key in ("weight", "bias", "running_mean", "running_var"):
+                getattr(dst.bn, key).copy_(getattr(conv.bn, key)[keep])
+            keep_in = keep
+        target[2].weight.copy_(branch[2].weight[rows][:, keep_in])
+        target[2].bias.copy_(branch[2].bias[rows])
+        widths.append([branch[0].conv.out_channels, target[0].conv.out_channels])
+    return {"reg_max": {"before": r_old, "after": r_new}, "hidden": widths}
 
 
 @torch.no_grad()

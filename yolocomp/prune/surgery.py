@@ -102,13 +102,15 @@ def slices(graph: ChannelGraph, plan: Plan) -> dict[str, tuple[torch.Tensor | No
     return out
 
 
-def build_pruned(model: nn.Module, graph: ChannelGraph, plan: Plan, fresh: str | None = None) -> nn.Module:
+def build_pruned(model: nn.Module, graph: ChannelGraph, plan: Plan, fresh: str | tuple[str, ...] | None = None,
+                 yaml_overrides: dict | None = None) -> nn.Module:
     """A new DetectionModel with the plan's widths and the kept slices of ``model``'s weights.
 
-    ``fresh``: a state_dict prefix whose tensors keep the new model's initialisation (a rebuilt head branch)."""
+    ``fresh``: state_dict prefixes whose tensors keep the new model's initialisation (a rebuilt head branch);
+    ``yaml_overrides``: top-level yaml keys to set (e.g. the head's ``reg_max``)."""
     from ultralytics.nn.tasks import DetectionModel
 
-    cfg = pruned_yaml(model, graph, plan)
+    cfg = {**pruned_yaml(model, graph, plan), **(yaml_overrides or {})}
     p = next(model.parameters())
     new = DetectionModel(deepcopy(cfg), ch=cfg.get("channels", 3), nc=model.yaml.get("nc"), verbose=False)
     new.yaml = cfg

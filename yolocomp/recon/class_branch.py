@@ -7,7 +7,8 @@ teacher. Here student and teacher run once on each image (and its mirror); the s
 branch will see, as in block reconstruction) and the teacher's class logits are kept in half precision up to a
 memory cap, and the branch trains on random batches of that cache, which costs a fraction of a forward pass per
 image. The loss is :func:`class_kd_loss`: the teacher's probabilities as soft targets, each anchor weighted by the
-teacher's confidence."""
+teacher's confidence. A box branch rebuilt with fewer DFL bins (``light_head(..., box_bins=)``) can be fitted in the
+same pass (``box=True``), to the teacher's box distributions rebinned (:mod:`yolocomp.distill.box_bins`)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from yolocomp.distill.box_bins import box_kd_loss, box_targets
 from yolocomp.errors import UserError
 from yolocomp.recon.engine import class_kd_loss
 
@@ -42,10 +44,13 @@ def _check_heads(student: nn.Module, teacher: nn.Module) -> tuple[nn.Module, nn.
 @torch.no_grad()
 def cache_head_inputs(teacher: nn.Module, batches: Iterable[torch.Tensor], flip: bool = True,
                       max_bytes: int = CACHE_BYTES, progress: bool = True,
-                      student: nn.Module | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+                      student: nn.Module | None = None, box_bins: int | None = None
+                      ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Detect inputs and the teacher's class logits per level (half precision), for each image and, with ``flip``,
     its mirror; stops adding images once ``max_bytes`` is reached. The inputs are the teacher's own, or with
-    ``student`` that model's (its features as they are, targets still from the teacher)."""
+    ``student`` that model's (its features as they are, targets still from the teacher). With ``box_bins`` each
+    level's targets start with the teacher's box distributions on that many bins (probabilities, 4 sides), then the
+    class logits."""
     models = {"teacher": teacher, **({"student": student} if student is not None else {})}
     captured: dict[str, list[torch.Tensor]] = {}
 
@@ -69,7 +74,10 @@ def cache_head_inputs(teacher: nn.Module, batches: Iterable[torch.Tensor], flip:
                     m(view.to(device).float())
                 for level, x in enumerate(captured["teacher"]):
                     inputs[level].append(captured[source][level].half().cpu())
-                    logits[level].append(head.cv3[level](x).half().cpu())
+                    target = head.cv3[level](x)
+                    if box_bins:
+                        target = torch.cat([box_targets(head.cv2[level](x), box_bins), target], 1)
+                    logits[level].append(target.half().cpu())
                     used += 2 * (inputs[level][-1].numel() + logits[level][-1].numel())
                 if used >= max_bytes:
                     break
@@ -87,12 +95,13 @@ def cache_head_inputs(teacher: nn.Module, batches: Iterable[torch.Tensor], flip:
 
 def fit_class_branch(student: nn.Module, teacher: nn.Module, batches: Iterable[torch.Tensor], iters: int = 3000,
                      batch_size: int = 16, lr: float = 3e-3, flip: bool = True, max_bytes: int = CACHE_BYTES,
-                     seed: int = 0, inputs: str = "student", progress: bool = True) -> dict:
+                     seed: int = 0, inputs: str = "student", box: bool = False, progress: bool = True) -> dict:
     """Train only ``student``'s Detect class branch (cv3) so that it gives the teacher's class probabilities;
     ``batches`` are image tensors (N, 3, H, W) in [0, 1]. ``inputs``: the branch learns on the student's own Detect
     inputs (``student``: what it will see, as block reconstruction does) or on the teacher's (``teacher``: the
-    student's Detect must then take the teacher's widths). BatchNorm trains on batch statistics and ends in eval mode
-    with the running ones. Returns the report (images cached, loss at start and end, seconds)."""
+    student's Detect must then take the teacher's widths). ``box``: train the box branch (cv2) too, to the teacher's
+    box distributions on the student's bins, weighted by the teacher's confidence. BatchNorm trains on batch statistics
+    and ends in eval mode with the running ones. Returns the report (images cached, loss at start and end, seconds)."""
     head, teacher_head = _check_heads(student, teacher)
     if inputs not in FIT_INPUTS:
         raise UserError(f"inputs '{inputs}' unknown; use one of {FIT_INPUTS}")
@@ -106,36 +115,50 @@ def fit_class_branch(student: nn.Module, teacher: nn.Module, batches: Iterable[t
     if iters < 1 or batch_size < 1 or lr <= 0:
         raise UserError(f"iters={iters}, batch_size={batch_size} must be >= 1 and lr={lr} > 0")
     started = time.perf_counter()
+    bins = int(head.reg_max) if box else None
+    if box and (bins < 2 or bins > int(teacher_head.reg_max)):
+        raise UserError(f"box=True fits DFL bins: the student's reg_max {bins} must be in 2..{teacher_head.reg_max} "
+                        "(the teacher's)")
     features, targets = cache_head_inputs(teacher, batches, flip, max_bytes, progress,
-                                          student if inputs == "student" else None)
+                                          student if inputs == "student" else None, bins)
     generator = torch.Generator().manual_seed(seed)
-    params = list(head.cv3.parameters())
+    branches = [head.cv3, *([head.cv2] if box else [])]
+    params = [p for branch in branches for p in branch.parameters()]
     optimizer = torch.optim.Adam(params, lr=lr)
     warmup = max(1, iters // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(  # short warm-up, then cosine to zero
         optimizer, lambda i: (i + 1) / warmup if i < warmup else 0.5 * (1 + math.cos(math.pi * (i - warmup) / max(1, iters - warmup))))
-    momenta = {m: m.momentum for m in head.cv3.modules() if isinstance(m, nn.BatchNorm2d)}
+    momenta = {m: m.momentum for branch in branches for m in branch.modules() if isinstance(m, nn.BatchNorm2d)}
     for bn in momenta:
         bn.momentum = 0.03  # running statistics averaged over many batches, as Ultralytics trains them
     device = next(head.parameters()).device
     count, losses = len(features[0]), []
-    head.cv3.train()
+    for branch in branches:
+        branch.train()
     try:
-        for _ in tqdm(range(iters), desc="fit class branch", disable=not progress, leave=False):
+        for _ in tqdm(range(iters), desc="fit class and box branches" if box else "fit class branch",
+                      disable=not progress, leave=False):
             pick = torch.randint(count, (min(batch_size, count),), generator=generator)
-            loss = sum(class_kd_loss(branch(x[pick].to(device).float()), t[pick].to(device).float())
-                       for branch, x, t in zip(head.cv3, features, targets))
+            loss = 0.0
+            for level, (x, t) in enumerate(zip(features, targets)):
+                x, t = x[pick].to(device).float(), t[pick].to(device).float()
+                cls_target = t[:, -head.nc:]
+                loss = loss + class_kd_loss(head.cv3[level](x), cls_target)
+                if box:
+                    weight = cls_target.sigmoid().amax(1).clamp_min(0.01)
+                    loss = loss + box_kd_loss(head.cv2[level](x), t[:, : 4 * bins], weight, probabilities=True)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
             losses.append(loss.detach().item())
     finally:
-        head.cv3.eval()
+        for branch in branches:
+            branch.eval()
         for bn, momentum in momenta.items():
             bn.momentum = momentum
     window = warmup  # the loss averaged over the first and last twentieth of the fit
-    return {"views": count, "inputs": inputs, "iters": iters, "batch": batch_size, "lr": lr,
+    return {"views": count, "inputs": inputs, "branches": ["cls", *(["box"] if box else [])], "iters": iters, "batch": batch_size, "lr": lr,
             "loss_start": round(sum(losses[:window]) / window, 4), "loss_end": round(sum(losses[-window:]) / window, 4),
             "cache_mb": round(sum(2 * (x.numel() + t.numel()) for x, t in zip(features, targets)) / 2**20, 1),
             "seconds": round(time.perf_counter() - started, 1)}

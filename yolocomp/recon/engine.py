@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from yolocomp.distill.box_bins import box_kd_loss, box_targets
 from yolocomp.errors import UserError
 from yolocomp.recon.blocks import Block, OutputCache, detector_blocks, is_head, run_block
 
@@ -84,10 +85,29 @@ def class_kd_loss(logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.T
     return (bce * weight).sum() / weight.sum()
 
 
-def head_kd_loss(out: torch.Tensor, target: torch.Tensor, nc: int) -> torch.Tensor:
-    """Fitting loss of a Detect block: MSE on the box distributions plus :func:`class_kd_loss` on the class logits."""
+def head_kd_loss(out: torch.Tensor, target: torch.Tensor, nc: int, box_probabilities: bool = False) -> torch.Tensor:
+    """Fitting loss of a Detect block: MSE on the box distributions plus :func:`class_kd_loss` on the class logits.
+    ``box_probabilities``: the target's boxes are probabilities on the student's bins (:func:`box_view`), fitted by
+    cross-entropy weighted by the teacher's confidence."""
     boxes = out.shape[1] - nc
-    return nn.functional.mse_loss(out[:, :boxes], target[:, :boxes]) + class_kd_loss(out[:, boxes:], target[:, boxes:])
+    cls = class_kd_loss(out[:, boxes:], target[:, boxes:])
+    if box_probabilities:
+        weight = target[:, boxes:].sigmoid().amax(1).clamp_min(0.01)
+        return box_kd_loss(out[:, :boxes], target[:, :boxes], weight, probabilities=True) + cls
+    return nn.functional.mse_loss(out[:, :boxes], target[:, :boxes]) + cls
+
+
+def box_view(out: torch.Tensor, nc: int, bins: int) -> torch.Tensor:
+    """A raw head output (boxes, then class logits) with each box side as probabilities on ``bins`` bins: how heads
+    with different ``reg_max`` are compared (a teacher's extra bins fold into the last, :mod:`yolocomp.distill.box_bins`)."""
+    return torch.cat([box_targets(out[:, :-nc], bins), out[:, -nc:].float()], 1)
+
+
+def _head_bins(student_head: nn.Module, teacher_head: nn.Module) -> int | None:
+    """The student's bins when its Detect has fewer DFL bins than the teacher's (outputs compared by :func:`box_view`)."""
+    if not (is_head(student_head) and is_head(teacher_head)) or student_head.reg_max == teacher_head.reg_max:
+        return None
+    return int(student_head.reg_max)
 
 
 def _changed(student_block: Block, teacher_block: Block) -> bool:
@@ -148,7 +168,7 @@ def fit_images(batch: int, image_pixels: int, fit_pixels: int | None = FIT_PIXEL
 
 def _fit_block(block: Block, cache: OutputCache, targets: list[torch.Tensor], fit_ids: list[int], iters: int,
                fitter: BlockFit, device: torch.device, gen: torch.Generator, per_iter: int,
-               head_loss: str = "mse") -> dict:
+               head_loss: str = "mse", bins: int | None = None) -> dict:
     nc = block.module.nc if head_loss == "kd" and is_head(block.module) else None
     groups = fitter.begin(block.module)
     params = [p for g in groups for p in g["params"]]
@@ -164,7 +184,10 @@ def _fit_block(block: Block, cache: OutputCache, targets: list[torch.Tensor], fi
                 pick = torch.randperm(len(target), generator=gen)[:per_iter].to(device)
                 inputs, target = [x.index_select(0, pick) for x in inputs], target.index_select(0, pick)
             out = run_block(block, inputs)
-            match = nn.functional.mse_loss(out, target) if nc is None else head_kd_loss(out, target, nc)
+            if nc is not None:
+                match = head_kd_loss(out, target, nc, box_probabilities=bins is not None)
+            else:
+                match = nn.functional.mse_loss(out if bins is None else box_view(out, block.module.nc, bins), target)
             loss = match + fitter.penalty(block.module, out, it / iters)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -177,15 +200,19 @@ def _fit_block(block: Block, cache: OutputCache, targets: list[torch.Tensor], fi
 
 @torch.no_grad()
 def _block_error(block: Block, cache: OutputCache, targets: list[torch.Tensor], ids: list[int],
-                 device: torch.device) -> float:
+                 device: torch.device, bins: int | None = None) -> float:
     outs = [run_block(block, cache.inputs(block, b, device)) for b in ids]
+    if bins is not None:
+        outs = [box_view(o, block.module.nc, bins) for o in outs]
     return relative_error(outs, [targets[b].to(device) for b in ids])
 
 
 def head_error(student: nn.Module, teacher: nn.Module, images: torch.Tensor | Iterable[torch.Tensor],
                batch_size: int = 8) -> float:
-    """Relative error of the student's raw head output (box distributions, class logits) vs the teacher's."""
+    """Relative error of the student's raw head output (box distributions, class logits) vs the teacher's (both as
+    :func:`box_view` when the student's Detect has fewer DFL bins)."""
     batches = as_batches(images, batch_size)
+    bins = _head_bins(student.model[-1], teacher.model[-1])
     outs = []
     for model in (student, teacher):
         was = model.training
@@ -195,7 +222,7 @@ def head_error(student: nn.Module, teacher: nn.Module, images: torch.Tensor | It
         device = next(model.parameters()).device
         for blk in blocks:
             last = cache.advance(blk, device)
-        outs.append(last)
+        outs.append(last if bins is None else [box_view(o, model.model[-1].nc, bins) for o in last])
         model.train(was)
     return relative_error(outs[0], outs[1])
 
@@ -275,16 +302,19 @@ def reconstruct(
             if sb.kind != tb.kind and (sb.kind, tb.kind) not in STANDS_IN:
                 raise UserError(f"layer {sb.index} is {sb.kind} in the student but {tb.kind} in the teacher")
             targets = _select(t_cache.advance(tb, device), keep.get(sb.index))
+            bins = _head_bins(sb.module, tb.module)
+            if bins is not None:
+                targets = [box_view(t, tb.module.nc, bins) for t in targets]
             row = {"layer": sb.index, "type": sb.kind, "changed": _changed(sb, tb), "fitted": False, "reverted": False}
             if sb.fittable:
-                row["error_before"] = _block_error(sb, s_cache, targets, held_ids, device)
+                row["error_before"] = _block_error(sb, s_cache, targets, held_ids, device, bins)
                 n_iters = head_iters if head_iters is not None and is_head(sb.module) else iters
                 if n_iters and (fit == "all" or row["changed"]):
                     saved = deepcopy(sb.module.state_dict())
                     row.update(_fit_block(sb, s_cache, targets, fit_ids, n_iters, fitter, device, gen, per_iter,
-                                          head_loss))
+                                          head_loss, bins))
                     row["fitted"] = True
-                    row["error_after"] = _block_error(sb, s_cache, targets, held_ids, device)
+                    row["error_after"] = _block_error(sb, s_cache, targets, held_ids, device, bins)
                     if row["error_after"] > row["error_before"]:
                         sb.module.load_state_dict(saved)
                         row["reverted"] = True
