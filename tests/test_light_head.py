@@ -14,6 +14,7 @@ from yolocomp.errors import UserError
 from yolocomp.eval.info import gflops
 from yolocomp.prune import prune_model
 from yolocomp.prune.light_head import convertible_layers, has_light_head, light_head
+from yolocomp.prune.pruner import conv_channels
 from yolocomp.recon import reconstruct
 from yolocomp.recon.engine import head_error
 
@@ -166,6 +167,7 @@ def test_prune_with_the_light_head_meets_the_target_against_the_input_model(tmp_
     assert report["ap_vs_gflops"][1]["stage"] == "light head"
     original = YOLO(str(tiny_detector["pt"])).model
     assert report["gflops"]["before"] == pytest.approx(gflops(original, 64), rel=1e-3)
+    assert report["channels"]["before"] == conv_channels(original)  # the input model's, not the converted one's
     assert report["achieved"]["flops_reduction"] == pytest.approx(0.3, abs=0.03)
     assert report["target"]["flops_reduction"] == 0.3
     assert report["recovery"]["light_head"]["gflops"]["after"] < report["gflops"]["before"]

@@ -18,7 +18,7 @@ from yolocomp.config.prune import AUTO_BOX_BINS, KD_RECOVERY_TRAIN_DEFAULTS, LIG
 from yolocomp.distill.frozen_bn import FrozenBatchNorm
 from yolocomp.errors import UserError
 from yolocomp.prune.light_head import light_head
-from yolocomp.prune.pruner import count_params, gflops, prune_model
+from yolocomp.prune.pruner import conv_channels, count_params, gflops, prune_model
 from yolocomp.recipe import Recipe, stage_config
 
 #: epochs of a recovery bounded only by --recover-minutes (Ultralytics re-plans epochs to fit its time limit)
@@ -130,6 +130,7 @@ def prune(
         if light is not None:  # the report compares with the input model, not with the converted one
             summary["gflops"]["before"] = recovery["light_head"]["gflops"]["before"]
             summary["params"]["before"] = count_params(trained)
+            summary["channels"]["before"] = conv_channels(trained)
             summary["target"] = cfg.target()
             summary["achieved"]["flops_reduction"] = round(1 - summary["gflops"]["after"] / summary["gflops"]["before"], 4)
     recovery.setdefault("head", "keep")
