@@ -4,9 +4,10 @@ Detect's hidden widths come from ``nc`` and its first input, never from the yaml
 on YOLOv8n at 320 px it holds two fifths of the FLOPs and its class branch (two 3x3 convs) most of them. Ultralytics
 builds the cheaper YOLO11 class branch (depthwise 3x3 + pointwise, twice) whenever the yaml holds a C3k2 block, so
 the conversion turns one C2f into a C3k2 (its bottlenecks keep the more important half of their hidden channels,
-which is what C3k2's bottleneck width is) and rebuilds the model from the yaml. The box branch and every other
-tensor are copied; the new class branch starts from Ultralytics' initialisation and must be fitted to the teacher
-(block reconstruction, then distillation), so the converted model is a starting point, not a finished one.
+which is what C3k2's bottleneck width is) and rebuilds the model from the yaml. Every other tensor is copied, the
+box branch too unless ``box_bins`` narrows it (a ``reg_max`` the yaml sets; it starts from the old branch's kept
+slice). The new class branch starts from Ultralytics' initialisation and must be fitted to the teacher (block
+reconstruction, then distillation), so the converted model is a starting point, not a finished one.
 """
 
 from __future__ import annotations
