@@ -382,8 +382,7 @@ def _reconstruct(pruned: nn.Module, teacher: nn.Module, cfg: PruneConfig, channe
 
         d = len(pruned.model) - 1
         branches = ("cv3", "cv2") if narrowed_box_branch(pruned, teacher) else ("cv3",)
-        for branch in branches:
-            settle_batchnorm(pruned, f"model.{d}.{branch}.", torch.cat([fit, held_out]))
+        settle_batchnorm(pruned, tuple(f"model.{d}.{branch}." for branch in branches), torch.cat([fit, held_out]))
     return {k: report[k] for k in ("head_error", "images", "seconds") if k in report}
 
 

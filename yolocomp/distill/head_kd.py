@@ -62,7 +62,9 @@ def head_kd_terms(student: dict, teacher: dict, reg_max: int, temperature: float
     s_box, t_box = student["boxes"].float(), teacher["boxes"].float()
     bins = s_box.shape[1] // 4  # the student's; a teacher with more bins is rebinned to them
     if s_cls.shape != t_cls.shape or s_box.shape[2:] != t_box.shape[2:] or not 0 < s_box.shape[1] <= t_box.shape[1]:
-        raise UserError(f"student head outputs {tuple(s_cls.shape)} but teacher {tuple(t_cls.shape)}; use a teacher with the same classes and strides")
+        raise UserError(f"student head outputs {tuple(s_cls.shape)} scores and {tuple(s_box.shape)} boxes but the teacher "
+                        f"{tuple(t_cls.shape)} and {tuple(t_box.shape)}; use a teacher with the same classes and strides "
+                        "and at least the student's DFL bins")
     T = temperature
     weight = anchor_weights(t_cls, confidence_weighting)  # (B, A), sums to 1
     p_t = (t_cls / T).sigmoid()

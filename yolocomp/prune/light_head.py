@@ -128,8 +128,8 @@ def shrink_box_branch(source: nn.Module, converted: nn.Module, importance: str |
 
 
 @torch.no_grad()
-def settle_batchnorm(model: nn.Module, prefix: str, images: torch.Tensor, batch_size: int = 8) -> int:
-    """Give the BatchNorms under ``prefix`` the running statistics of their inputs on ``images`` and rescale their
+def settle_batchnorm(model: nn.Module, prefix: str | tuple[str, ...], images: torch.Tensor, batch_size: int = 8) -> int:
+    """Give the BatchNorms under ``prefix`` (one or several) the running statistics of their inputs on ``images`` and rescale their
     affine so the model computes exactly what it did; returns how many were settled.
 
     A branch fitted from scratch in eval mode keeps its initial statistics (mean 0, variance 1), so training it later
