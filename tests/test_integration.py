@@ -1,6 +1,7 @@
 """The training-loop integration: extra loss columns, optimizer-step hook, structural changes, pickling, model I/O."""
 
 import pickle
+import time
 from pathlib import Path
 
 import pytest
@@ -111,6 +112,26 @@ def test_train_keeps_the_last_checkpoint_unless_best_is_asked(tiny_data, tmp_pat
     assert not all(torch.equal(kept["last"][k], v) for k, v in kept["best"].items())
     with pytest.raises(UserError, match="keep='last' or keep='best'"):
         train(load_model("yolov8n.yaml", nc=3), str(tiny_data), [], tmp_path, "bad", keep="first", **TRAIN_ARGS)
+
+
+def test_deadline_keeps_room_for_the_closing_validations(tiny_data, tmp_path):
+    from types import SimpleNamespace
+
+    from yolocomp.integration.trainer import stop_before
+
+    check, trainer = stop_before(time.time() + 30, validation_estimate=10), SimpleNamespace(stop=False)
+    check(trainer)
+    assert not trainer.stop  # 30 s left hold the two 10 s validations
+    trainer.validation_seconds = 20  # a timed validation replaces the estimate
+    check(trainer)
+    assert trainer.stop
+    # 2 minutes would allow 3 epochs here, but not 2 validations of 100 s after them: stop after the first batch
+    method = CountingMethod()
+    result = train(load_model("yolov8n.yaml", nc=3), str(tiny_data), [method], tmp_path, "timed",
+                   deadline=time.time() + 120, validation_estimate=100,
+                   **{**TRAIN_ARGS, "epochs": 3, "batch": 4, "nbs": 4})
+    assert method.steps == 1 and method.epochs == 1
+    assert len((result.save_dir / "results.csv").read_text().splitlines()) == 2  # header and the one epoch
 
 
 def test_structural_change_reaches_optimizer_and_ema(tiny_data, tmp_path):

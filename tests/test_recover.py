@@ -29,6 +29,21 @@ def test_prune_recover_kd_writes_the_contract(tmp_path, tiny_detector, synthetic
     assert not any("teacher" in k or "adapter" in k for k in finetuned.state_dict())
 
 
+def test_recover_minutes_bound_the_whole_recovery(tmp_path, tiny_detector, synthetic_data):
+    out = tmp_path / "o"
+    assert main(["prune", "--model", str(tiny_detector["pt"]), "--data", str(synthetic_data), "--method", "l1",
+                 "--ratio", "0.3", "--recover", "kd", "--recover-minutes", "0.001", "--batch", "8", "--imgsz", "64",
+                 "--recon-images", "16", "--recon-iters", "10", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    recovery = report["recovery"]
+    # the reconstruction alone spent the 0.06 s budget: the note says so and the training stopped in its first epoch
+    assert recovery["reconstruction_seconds"] > 0.06
+    assert any("all of --recover-minutes 0.001" in note for note in report["notes"])
+    assert len((out / "recover" / "results.csv").read_text().splitlines()) == 2
+    assert recovery["total_seconds"] == pytest.approx(recovery["reconstruction_seconds"] + recovery["seconds"], abs=0.2)
+    assert (out / "finetuned.pt").exists()
+
+
 @pytest.mark.parametrize(("flags", "fragment"), [
     (["--steps", "0"], "stages.prune.steps = 0 must be >= 1"),
     (["--steps", "2"], "need recover: kd"),

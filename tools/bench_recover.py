@@ -3,8 +3,8 @@ progressive + reconstruction + KD, the label-free run, every importance criterio
 protocol on the unpruned model (distilling a model into itself must not lower its AP).
 
 Every variant is cut to the same GFLOPs (the FLOPs reduction the first variant's channel ratio reaches) and recovers
-for the same wall-clock budget (``--minutes``, Ultralytics' ``time`` limit; progressive variants split it over their
-steps). AP with pycocotools on coco-real val (yolocomp.eval); the AP-vs-minutes curve of every recovery comes from its
+for the same wall-clock budget (``--minutes``, ``prune``'s ``--recover-minutes``: the progressive steps, the
+reconstruction and the training together). AP with pycocotools on coco-real val (yolocomp.eval); the AP-vs-minutes curve of every recovery comes from its
 per-epoch Ultralytics validation on the same images. One JSON file, rewritten after every variant.
 
     python tools/bench_recover.py --out runs/bench_recover --imgsz 320 --flops-reduction 0.36 --minutes 10
@@ -47,12 +47,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ratio", type=float, default=0.3, help="channel ratio of the first variant; later ones match its GFLOPs")
     p.add_argument("--flops-reduction", type=float, default=None,
                    help="cut every variant to this share of GFLOPs instead (e.g. 0.36; replaces --ratio)")
-    p.add_argument("--minutes", type=float, default=10.0, help="distillation wall-clock budget of every variant (after "
-                                                               "the cut and any reconstruction)")
+    p.add_argument("--minutes", type=float, default=10.0, help="wall-clock budget of every variant's whole recovery "
+                                                               "(progressive steps, reconstruction and training)")
     p.add_argument("--recoveries", default=",".join(RECOVERIES))
     p.add_argument("--steps", type=int, default=3, help="steps of the progressive variants")
-    p.add_argument("--step-epochs", type=int, default=1, help="distillation epochs of each progressive step (the final "
-                                                              "recovery then gets --minutes like every variant)")
+    p.add_argument("--step-epochs", type=int, default=1, help="distillation epochs of each progressive step (they count "
+                                                              "against --minutes; the final training gets the rest)")
     p.add_argument("--best", default=None, help="recovery used for the importance comparison, the label-free run and the "
                                                 "self-distillation check (default: the best AP among --recoveries)")
     p.add_argument("--methods", default="bn,cap,l1,random", help="importance criteria compared under the best recovery")

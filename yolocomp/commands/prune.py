@@ -23,6 +23,9 @@ from yolocomp.recipe import Recipe, stage_config
 
 #: epochs of a recovery bounded only by --recover-minutes (Ultralytics re-plans epochs to fit its time limit)
 UNTIL_TIME_LIMIT = 10000
+#: the recovery's parts before its training, whose wall times count against --recover-minutes with the training's
+#: (``recovery["seconds"]``); the evaluations in between are not recovery
+PRE_TRAINING_PHASES = ("class_branch_fit_seconds", "progressive_seconds", "reconstruction_seconds")
 
 
 def export_onnx(model: nn.Module, imgsz: int, workdir: Path) -> str:
@@ -44,7 +47,10 @@ def _evaluate(model: Any, data: str | None, imgsz: int, device: str, batch: int)
     from yolocomp.eval import evaluate
     from yolocomp.eval.metrics import ap_summary
 
-    return ap_summary(evaluate(model, data, imgsz=imgsz, device=device, batch=batch, progress=False), extra=("images",))
+    started = time.perf_counter()
+    summary = ap_summary(evaluate(model, data, imgsz=imgsz, device=device, batch=batch, progress=False),
+                         extra=("images",))
+    return {**summary, "seconds": round(time.perf_counter() - started, 1)}
 
 
 def prune(
@@ -124,7 +130,9 @@ def prune(
         if light is not None:
             base, target = light
             if cfg.head_fit_iters:  # before the cut, on the converted model's own Detect inputs and many images
+                started = time.perf_counter()
                 recovery["class_branch_fit"] = _fit_class_branch(base, original, cfg, data_abs, imgsz)
+                recovery["class_branch_fit_seconds"] = round(time.perf_counter() - started, 1)
                 ap["light_head"] = _evaluate(base, eval_data, imgsz, device, batch)
         pruned, summary = _cut(base, target, cfg, ignore, imgsz, calib, light is not None, notes)
         if light is not None:  # the report compares with the input model, not with the converted one
@@ -147,16 +155,26 @@ def prune(
     if steps:
         ap["steps"] = [{k: r.get(k) for k in ("step", "ratio", "flops_reduction", "gflops", "ap")} for r in steps]
     models = {"before": (original, None), "pruned": (pruned, pruned_path)}
+    spent = sum(recovery.get(phase, 0.0) for phase in PRE_TRAINING_PHASES)
     if finetune_epochs:
         started = time.perf_counter()
-        recover_args = {**train_args, "epochs": finetune_epochs,
-                        **({"time": cfg.recover_minutes / 60} if cfg.recover_minutes else {})}
-        finetuned = _recover(pruned, original, cfg, data_abs, out, recover_args, recovery, work, channel_map)
+        timing = {}
+        if cfg.recover_minutes:  # the budget covers the whole recovery: the training gets what the phases before left
+            timing["deadline"] = time.time() + cfg.recover_minutes * 60 - spent
+            timing["validation_estimate"] = max((a.get("seconds", 0.0) for a in ap.values() if isinstance(a, dict)),
+                                                default=0.0)
+            if spent >= cfg.recover_minutes * 60:
+                notes.append(f"the recovery's work before training took {spent / 60:.1f} min, all of --recover-minutes "
+                             f"{cfg.recover_minutes:g}: the training stopped after one batch (raise --recover-minutes)")
+        finetuned = _recover(pruned, original, cfg, data_abs, out, {**train_args, "epochs": finetune_epochs}, recovery,
+                             work, channel_map, **timing)
         recovery["seconds"] = round(time.perf_counter() - started, 1)
         ft_path = save_model(finetuned, out / "finetuned.pt", extra={"prune": {"finetune_epochs": finetune_epochs,
                                                                               "recover": cfg.recover}})
         ap["finetuned"] = _evaluate(finetuned, eval_data, imgsz, device, batch)
         models["finetuned"] = (finetuned, ft_path)
+    if spent or finetune_epochs:
+        recovery["total_seconds"] = round(spent + recovery.get("seconds", 0.0), 1)
 
     # every stage's ONNX export timed interleaved in one go (see time_onnx), so the speedups compare like with like
     lat: dict[str, float] = {}
@@ -395,14 +413,14 @@ def kd_weights(cfg: PruneConfig, channel_map: dict | None) -> dict:
 
 
 def _recover(pruned: nn.Module, teacher: nn.Module, cfg: PruneConfig, data: str | None, out: Path,
-             train_args: dict, record: dict, work: Path, channel_map: dict | None = None) -> nn.Module:
+             train_args: dict, record: dict, work: Path, channel_map: dict | None = None, **timing: float) -> nn.Module:
     """Bring the cut model's AP back: a label fine-tune, or distillation from the uncompressed model (``kd``) on the
-    labelled data and/or unlabelled images."""
+    labelled data and/or unlabelled images; ``timing`` is :func:`~yolocomp.integration.train`'s deadline."""
     from yolocomp.integration import train
 
     if cfg.recover == "labels":
         record.update(method="labels", epochs=train_args["epochs"])
-        return train(pruned, data, [], project=out, name="finetune", **train_args).model
+        return train(pruned, data, [], project=out, name="finetune", **timing, **train_args).model
     from yolocomp.commands.distill import make_method
 
     frozen = deepcopy(teacher).float().eval()
@@ -412,7 +430,7 @@ def _recover(pruned: nn.Module, teacher: nn.Module, cfg: PruneConfig, data: str 
     record.update(method=f"kd ({cfg.kd_method})", epochs=args["epochs"], teacher="the uncompressed input model",
                   train_settings={k: args[k] for k in ("optimizer", "lr0", "warmup_epochs", "nbs")})
     methods = [kd, *([FrozenBatchNorm()] if cfg.freeze_bn else [])]
-    return train(pruned, images, methods, project=out, name="recover", **args).model
+    return train(pruned, images, methods, project=out, name="recover", **timing, **args).model
 
 
 def write_report(out: Path, report: dict) -> None:

@@ -46,8 +46,10 @@ class PruneConfig(TrainingOptions):
                                   hint="use 0 to skip sparsity training", check=non_negative)
     finetune_epochs: int = option(0, "fine-tune epochs after pruning (0 = skip)", hint="use 0 to skip fine-tuning",
                                   check=non_negative)
-    recover_minutes: float | None = option(None, "wall-clock limit of the recovery training in minutes (epochs then "
-                                           "only bound it; without --finetune-epochs it trains until the limit)",
+    recover_minutes: float | None = option(None, "wall-clock limit of the whole recovery in minutes: the light head's "
+                                           "fit, progressive steps and reconstruction, then training for the time "
+                                           "left (epochs then only bound it; without --finetune-epochs it trains "
+                                           "until the limit)",
                                            hint="use a number of minutes such as 60", check=positive)
     s: float = option(1e-4, "L1 sparsity strength on BN γ", hint="use a sparsity strength such as 1e-4", check=positive)
     s_schedule: str = option("constant", "sparsity strength over the epochs", hint="use constant or linear_decay",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,10 +41,36 @@ class CompressionTrainer(PrepareBeforeOptimizer, _detection_trainer_cls()):
     Methods' ``prepare`` runs before the optimizer is built (:class:`PrepareBeforeOptimizer`).
     """
 
+    #: how long the latest validation took (a deadline keeps room for the ones that close the run)
+    validation_seconds: float | None = None
+
     def get_model(self, cfg: Any = None, weights: Any = None, verbose: bool = True) -> nn.Module:
         if isinstance(weights, nn.Module):
             return as_training_model(weights)
         return super().get_model(cfg=cfg, weights=weights, verbose=verbose)
+
+    def validate(self) -> Any:
+        started = time.time()
+        try:
+            return super().validate()
+        finally:
+            self.validation_seconds = time.time() - started
+
+
+#: validations that still run once a timed training stops: the stopping epoch's and the final one of best.pt
+CLOSING_VALIDATIONS = 2
+
+
+def stop_before(deadline: float, validation_estimate: float = 0.0) -> Any:
+    """An ``on_train_batch_end`` callback that stops training early enough for its closing validations to end by
+    ``deadline`` (``time.time()`` seconds); their length is the trainer's latest validation, else ``validation_estimate``."""
+
+    def check(trainer: Any) -> None:
+        each = getattr(trainer, "validation_seconds", None) or validation_estimate
+        if time.time() + CLOSING_VALIDATIONS * each >= deadline:
+            trainer.stop = True
+
+    return check
 
 
 _RESUME_INTERRUPTED: contextvars.ContextVar[bool] = contextvars.ContextVar("yolocomp_resume_interrupted", default=False)
@@ -102,12 +129,16 @@ def train(
     name: str,
     resume: str | Path | None = None,
     keep: str = "last",
+    deadline: float | None = None,
+    validation_estimate: float = 0.0,
     **overrides: Any,
 ) -> TrainResult:
     """Train ``model`` (or resume ``resume``) with ``methods`` attached, then finalize the kept checkpoint.
 
     ``keep="last"`` hands on the model where the budget ends; ``"best"`` the one Ultralytics picks by its fitness on
-    the data yaml's val split, which selects on the images a report may then evaluate on."""
+    the data yaml's val split, which selects on the images a report may then evaluate on. ``deadline``
+    (``time.time()`` seconds) ends the run, closing validations included (``validation_estimate`` seconds each until
+    one has been timed): Ultralytics plans its epochs for the time left (``time``) and stops early enough."""
     from ultralytics.nn.tasks import load_checkpoint
     from ultralytics.utils import callbacks as ul_callbacks
 
@@ -130,6 +161,9 @@ def train(
         last_epoch_metrics.update(getattr(trainer, "metrics", None) or {})
 
     cbs["on_model_save"].append(remember_metrics)
+    if deadline is not None:
+        overrides["time"] = max(deadline - time.time(), 1.0) / 3600  # a deadline already past still trains a batch
+        cbs["on_train_batch_end"].append(stop_before(deadline, validation_estimate))
     args = {
         "data": data,
         "project": str(Path(project).resolve()),
