@@ -68,6 +68,17 @@ def test_one_c2f_becomes_a_c3k2_keeping_the_more_important_half_and_the_class_br
     assert layer > 0 and all(torch.equal(outputs[0, i], outputs[1, i]) for i in range(layer))
 
 
+def test_the_fresh_class_branch_starts_the_same_every_run_and_leaves_the_random_state_alone(converted):
+    model, light, _ = converted
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    again, _ = light_head(model, "bn", imgsz=IMG)
+    assert torch.equal(torch.rand(4), expected)  # the seeded rebuild draws from its own generator state
+    fresh = [k for k in light.state_dict() if ".cv3." in k and k.endswith("conv.weight")]
+    assert fresh and all(torch.equal(light.state_dict()[k], again.state_dict()[k]) for k in light.state_dict())
+
+
 def test_stock_ultralytics_rebuilds_the_light_head_from_the_yaml_and_loads_every_tensor(converted, tmp_path):
     from ultralytics import YOLO
     from ultralytics.nn.tasks import DetectionModel

@@ -103,16 +103,19 @@ def slices(graph: ChannelGraph, plan: Plan) -> dict[str, tuple[torch.Tensor | No
 
 
 def build_pruned(model: nn.Module, graph: ChannelGraph, plan: Plan, fresh: str | tuple[str, ...] | None = None,
-                 yaml_overrides: dict | None = None) -> nn.Module:
+                 yaml_overrides: dict | None = None, seed: int = 0) -> nn.Module:
     """A new DetectionModel with the plan's widths and the kept slices of ``model``'s weights.
 
-    ``fresh``: state_dict prefixes whose tensors keep the new model's initialisation (a rebuilt head branch);
+    ``fresh``: state_dict prefixes whose tensors keep the new model's initialisation (a rebuilt head branch), drawn
+    from ``seed`` so that two runs start the same (the caller's random state is left as it was);
     ``yaml_overrides``: top-level yaml keys to set (e.g. the head's ``reg_max``)."""
     from ultralytics.nn.tasks import DetectionModel
 
     cfg = {**pruned_yaml(model, graph, plan), **(yaml_overrides or {})}
     p = next(model.parameters())
-    new = DetectionModel(deepcopy(cfg), ch=cfg.get("channels", 3), nc=model.yaml.get("nc"), verbose=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        new = DetectionModel(deepcopy(cfg), ch=cfg.get("channels", 3), nc=model.yaml.get("nc"), verbose=False)
     new.yaml = cfg
     cut = slices(graph, plan)
     old_state = model.state_dict()
