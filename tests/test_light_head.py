@@ -151,7 +151,7 @@ def test_head_kd_loss_is_zero_only_at_the_teacher():
 
 @pytest.mark.parametrize(("flags", "fragment"), [
     (["--head", "light"], "head: light needs recover: kd"),
-    (["--head", "light", "--recover", "kd", "--method", "cap"], "one-shot bn, l1 or random cut"),
+    (["--head", "light", "--recover", "kd", "--steps", "2"], "head: light works with a one-shot cut"),
 ])
 def test_bad_head_flags_are_one_line(tmp_path, capsys, tiny_detector, flags, fragment):
     from yolocomp.cli import main
@@ -198,6 +198,42 @@ def test_prune_with_the_light_head_meets_the_target_against_the_input_model(tmp_
         assert gflops(model, 64) == pytest.approx(report["gflops"]["after"], rel=1e-3)
 
 
+def test_prune_cap_measures_attention_on_the_light_head_model_and_cuts_by_it(tmp_path, tiny_detector, synthetic_data):
+    from ultralytics import YOLO
+
+    from yolocomp.commands.prune import prune
+
+    out = tmp_path / "o"
+    report = prune(str(tiny_detector["pt"]), out, data=str(synthetic_data), method="cap", flops_reduction=0.3,
+                   recover="kd", imgsz=64, batch=8, recon_images=16, recon_iters=5, recon_head_iters=5,
+                   head_fit_iters=5, evaluate=False, latency=False)
+    assert report["recovery"]["head"] == "light" and report["method"] == "cap"
+    assert (out / "attention" / "results.csv").exists()  # the attention epoch ran, on a copy of the converted model
+    assert report["achieved"]["flops_reduction"] == pytest.approx(0.3, abs=0.03)
+    assert report["gflops"]["before"] == pytest.approx(gflops(YOLO(str(tiny_detector["pt"])).model, 64), rel=1e-3)
+    pruned = YOLO(str(out / "pruned.pt")).model
+    assert has_light_head(pruned) and not any("AttentionGate" in type(m).__name__ for m in pruned.modules())
+
+
+def test_the_cut_follows_the_importance_it_is_given():
+    from yolocomp.commands.prune import _cut
+    from yolocomp.prune import importance as imp
+    from yolocomp.prune.cap import ChannelAttentionPruning
+    from yolocomp.recipe import stage_config
+
+    light, _ = light_head(randomized(), "l1", imgsz=IMG)
+    target = {"ratio": None, "flops_reduction": 0.15}
+    l1 = imp.compute(light, ChannelAttentionPruning(ratio=None).gate_targets(light), "l1")
+
+    def kept(method: str, scores: dict | None) -> dict:
+        cfg = stage_config("prune", {"recover": "kd", "method": method, "flops_reduction": 0.3})
+        return _cut(light, target, cfg, (), IMG, None, True, [], scores)[1]["kept_channels"]
+
+    by_l1 = kept("l1", None)
+    assert kept("cap", l1) == by_l1  # CAP's scores take the place of the method's own
+    assert kept("cap", {name: -score for name, score in l1.items()}) != by_l1
+
+
 def test_settled_batchnorm_keeps_the_outputs_and_matches_the_statistics_of_the_images(converted):
     from copy import deepcopy
 
@@ -231,8 +267,8 @@ def test_auto_head_takes_the_light_branch_only_where_it_applies():
 
     assert cfg().wants_light_head() is None  # the default: up to the model
     assert cfg(head="light").wants_light_head() is True and cfg(head="keep").wants_light_head() is False
-    for values in ({"method": "cap"}, {"steps": 2}, {"recover": "labels"}, {"reconstruct": False},
-                   {"flops_reduction": None, "ratio": 0.3}):
+    assert cfg(method="cap").wants_light_head() is None  # CAP's attention is measured on the converted model
+    for values in ({"steps": 2}, {"recover": "labels"}, {"reconstruct": False}, {"flops_reduction": None, "ratio": 0.3}):
         assert cfg(**values).wants_light_head() is False, values
     v8, v11 = randomized(), randomized("yolo11n.yaml")
     record: dict = {}

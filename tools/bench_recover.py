@@ -137,9 +137,6 @@ def main(argv: list[str] | None = None) -> int:
         options = {k: v for k, v in result["runs"][best].items()
                    if k in ("recover", "steps", "step_epochs", "reconstruct", "images", "kd_method", "head")}
         for method in [m for m in args.methods.split(",") if m and m != args.method]:
-            if method == "cap" and options.get("head") == "light":  # prune refuses it: CAP prunes inside training
-                result["runs"][f"{best}_cap"] = {"method": "cap", "skipped": "--head light works with bn, l1, random"}
-                continue
             run(f"{best}_{method}", method, options)
         if args.label_free and options.get("recover") == "kd":
             run(f"{best}_label_free", args.method, {**options, "label_free": True})

@@ -114,7 +114,8 @@ def prune(
         trained, history = res.model, slim.history
         ap["after_sparsity"] = _evaluate(trained, eval_data, imgsz, device, batch)
     steps: list[dict] | None = None
-    if method == "cap":
+    light = _light_head_start(trained, cfg, method, target, imgsz, ignore, recovery) if cfg.steps == 1 else None
+    if method == "cap" and light is None:
         cap = ChannelAttentionPruning(**target, attention=cfg.attention, min_channels=cfg.min_channels,
                                       round_to=cfg.round_to, ignore=ignore, imgsz=imgsz, calib=calib,
                                       max_layer_ratio=cfg.max_layer_ratio)
@@ -126,7 +127,7 @@ def prune(
                                               lambda m: _evaluate(m, eval_data, imgsz, device, batch))
         recovery["progressive_seconds"] = round(time.perf_counter() - started, 1)
     else:
-        base, light = trained, _light_head_start(trained, cfg, method, target, imgsz, ignore, recovery)
+        base = trained
         if light is not None:
             base, target = light
             if cfg.head_fit_iters:  # before the cut, on the converted model's own Detect inputs and many images
@@ -134,7 +135,12 @@ def prune(
                 recovery["class_branch_fit"] = _fit_class_branch(base, original, cfg, data_abs, imgsz)
                 recovery["class_branch_fit_seconds"] = round(time.perf_counter() - started, 1)
                 ap["light_head"] = _evaluate(base, eval_data, imgsz, device, batch)
-        pruned, summary = _cut(base, target, cfg, ignore, imgsz, calib, light is not None, notes)
+        importance = None
+        if method == "cap":  # the light head's model: its attention is measured on a copy, the cut keeps the fitted one
+            gates = ChannelAttentionPruning(ratio=None, attention=cfg.attention, ignore=ignore, imgsz=imgsz)
+            train(deepcopy(base), data_abs, [gates], project=out, name="attention", epochs=sparsity_epochs, **train_args)
+            importance = gates.scores()
+        pruned, summary = _cut(base, target, cfg, ignore, imgsz, calib, light is not None, notes, importance)
         if light is not None:  # the report compares with the input model, not with the converted one
             summary["gflops"]["before"] = recovery["light_head"]["gflops"]["before"]
             summary["params"]["before"] = count_params(trained)
@@ -241,7 +247,9 @@ def _light_head_start(model: nn.Module, cfg: PruneConfig, method: str, target: d
         # an automatic narrow box branch that alone overshoots the target gives way to the class branch alone
         tries = [bins, None] if bins is not None and cfg.box_bins is None else [bins]
         for k, box_bins in enumerate(tries):
-            converted, info = light_head(model, method, imgsz=imgsz, ignore=ignore, box_bins=box_bins)
+            # CAP's attention needs the converted model, so BN-γ picks the bottleneck and box channels it keeps
+            converted, info = light_head(model, "bn" if method == "cap" else method, imgsz=imgsz, ignore=ignore,
+                                         box_bins=box_bins)
             try:
                 cut = target_after_light_head(target, info["gflops"])
             except UserError:
@@ -259,12 +267,13 @@ def _light_head_start(model: nn.Module, cfg: PruneConfig, method: str, target: d
 
 
 def _cut(model: nn.Module, target: dict, cfg: PruneConfig, ignore: tuple[int, ...], imgsz: int, calib: Any,
-         light: bool, notes: list[str]) -> tuple[nn.Module, dict]:
-    """The one-shot cut. After the light head, unless ``--max-layer-ratio`` is set, each layer loses at most
-    :data:`LIGHT_HEAD_LAYER_CAP` of its channels; a target that cap cannot reach is cut without it."""
+         light: bool, notes: list[str], importance: dict | None = None) -> tuple[nn.Module, dict]:
+    """The one-shot cut, by ``importance`` (ready scores, e.g. CAP's attention) or ``cfg.method``'s. After the light
+    head, unless ``--max-layer-ratio`` is set, each layer loses at most :data:`LIGHT_HEAD_LAYER_CAP` of its channels;
+    a target that cap cannot reach is cut without it."""
     cap = cfg.max_layer_ratio if cfg.max_layer_ratio is not None or not light else LIGHT_HEAD_LAYER_CAP
-    args = {**target, "method": cfg.method, "min_channels": cfg.min_channels, "round_to": cfg.round_to,
-            "ignore": ignore, "imgsz": imgsz, "calib": calib}
+    args = {**target, "method": cfg.method, "importance": importance, "min_channels": cfg.min_channels,
+            "round_to": cfg.round_to, "ignore": ignore, "imgsz": imgsz, "calib": calib}
     try:
         return prune_model(model, **args, max_layer_ratio=cap)
     except UserError:

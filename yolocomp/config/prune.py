@@ -119,15 +119,14 @@ class PruneConfig(TrainingOptions):
             if values.get("recover", "labels") != "kd" or values.get("reconstruct") is False:
                 found.append("head: light needs recover: kd with reconstruction (the new class branch is fitted to the "
                              "teacher)")
-            if values.get("method", "bn") == "cap" or (values.get("steps") or 1) > 1:
-                found.append("head: light works with a one-shot bn, l1 or random cut (not cap or steps > 1)")
+            if (values.get("steps") or 1) > 1:
+                found.append("head: light works with a one-shot cut (steps: 1)")
         if values.get("box_bins") is not None:
             head = values.get("head", "auto")
-            one_shot_kd = (values.get("recover", "labels") == "kd" and (values.get("steps") or 1) == 1
-                           and values.get("method", "bn") != "cap")
+            one_shot_kd = values.get("recover", "labels") == "kd" and (values.get("steps") or 1) == 1
             if head == "keep" or not one_shot_kd or (head == "auto" and values.get("flops_reduction") is None):
                 found.append("box_bins narrows the light head's box branch, which needs head: light (or auto with "
-                             "flops_reduction) and a one-shot bn, l1 or random cut with recover: kd; drop box_bins "
+                             "flops_reduction) and a one-shot cut with recover: kd; drop box_bins "
                              "otherwise")
         if values.get("label_free") and not values.get("images"):
             found.append("label_free needs images (the unlabelled images to train on)")
@@ -141,7 +140,7 @@ class PruneConfig(TrainingOptions):
         """True: light head asked for; None: auto and the settings allow it (the model decides); False: keep."""
         if self.head != "auto":
             return self.head == "light"
-        allowed = (self.recover == "kd" and self.reconstruct_first() and self.steps == 1 and self.method != "cap"
+        allowed = (self.recover == "kd" and self.reconstruct_first() and self.steps == 1
                    and self.flops_reduction is not None)
         return None if allowed else False
 
