@@ -1,5 +1,6 @@
 """The training-loop integration: extra loss columns, optimizer-step hook, structural changes, pickling, model I/O."""
 
+import os
 import pickle
 import time
 from pathlib import Path
@@ -132,6 +133,43 @@ def test_deadline_keeps_room_for_the_closing_validations(tiny_data, tmp_path):
                    **{**TRAIN_ARGS, "epochs": 3, "batch": 4, "nbs": 4})
     assert method.steps == 1 and method.epochs == 1
     assert len((result.save_dir / "results.csv").read_text().splitlines()) == 2  # header and the one epoch
+
+
+def test_training_runs_on_the_callers_thread_count_and_leaves_it(tiny_data, tmp_path):
+    class ThreadSpy(Method):
+        name = "threads"
+
+        def __init__(self):
+            self.seen: list[int] = []
+
+        def before_step(self, trainer):
+            self.seen.append(torch.get_num_threads())
+
+    wanted = (os.cpu_count() or 1) + 1  # never Ultralytics' choice (cpu_count - 1, at most 8)
+    spy, before = ThreadSpy(), torch.get_num_threads()
+    torch.set_num_threads(wanted)
+    try:
+        train(load_model("yolov8n.yaml", nc=3), str(tiny_data), [spy], tmp_path, "threads", **{**TRAIN_ARGS, "val": True})
+        after = torch.get_num_threads()  # the final validation selected the device again
+    finally:
+        torch.set_num_threads(before)
+    assert spy.seen and set(spy.seen) == {wanted} and after == wanted
+
+
+def test_commands_use_every_core_unless_omp_num_threads_says_otherwise(monkeypatch, tmp_path, capsys):
+    import yolocomp
+    from yolocomp.cli import main
+    from yolocomp.integration.threads import cpu_threads
+
+    monkeypatch.setattr(yolocomp, "USER_OMP_NUM_THREADS", None)
+    assert cpu_threads() == len(os.sched_getaffinity(0))
+    monkeypatch.setattr(yolocomp, "USER_OMP_NUM_THREADS", "3")
+    assert cpu_threads() == 3
+    monkeypatch.setattr(yolocomp, "USER_OMP_NUM_THREADS", "four")
+    assert main(["prune", "--model", str(tmp_path / "any.pt"), "--out", str(tmp_path / "o")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "OMP_NUM_THREADS='four' is not a thread count" in err[0]
+    assert not (tmp_path / "o").exists()
 
 
 def test_structural_change_reaches_optimizer_and_ema(tiny_data, tmp_path):

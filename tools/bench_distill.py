@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-teacher-eval", action="store_true", help="do not evaluate the unpruned teacher (saves one val pass)")
     args = p.parse_args(argv)
+    from yolocomp.integration.threads import use_cpu_threads
+
+    use_cpu_threads()  # Ultralytics would train on cpu_count - 1 threads
 
     from yolocomp.commands.distill import make_method, read_loss_columns
     from yolocomp.errors import UserError

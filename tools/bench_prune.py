@@ -74,6 +74,9 @@ def training_data(data_abs: Path, work: Path, val_images: int = 8) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from yolocomp.integration.threads import use_cpu_threads
+
+    use_cpu_threads()  # Ultralytics would train on cpu_count - 1 threads
     weights, data = Path(args.weights), Path(args.data)
     if not weights.exists() or not data.exists():
         print(f"needs {weights} and {data} (the shared real weights and coco-real)", file=sys.stderr)

@@ -161,6 +161,9 @@ def metrics(result: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    from yolocomp.integration.threads import use_cpu_threads
+
+    use_cpu_threads()  # Ultralytics would train on cpu_count - 1 threads
     import torch
 
     from yolocomp.commands.ptq import ptq

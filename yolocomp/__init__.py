@@ -2,6 +2,11 @@
 
 __version__ = "0.1.0"
 
+import os  # noqa: E402
+
+#: as the user set it: importing Ultralytics sets OMP_NUM_THREADS=1 when unset (yolocomp.integration.threads)
+USER_OMP_NUM_THREADS = os.environ.get("OMP_NUM_THREADS")
+
 from yolocomp.errors import UserError  # noqa: E402
 from yolocomp.methods import Method  # noqa: E402
 

@@ -204,6 +204,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        from yolocomp.integration.threads import use_cpu_threads
+
+        use_cpu_threads()  # every core, not Ultralytics' cpu_count - 1
         COMMANDS[args.command](args)
     except UserError as e:
         for line in str(e).splitlines():

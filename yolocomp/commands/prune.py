@@ -35,10 +35,12 @@ def export_onnx(model: nn.Module, imgsz: int, workdir: Path) -> str:
     from ultralytics import YOLO
 
     from yolocomp.integration import save_model
+    from yolocomp.integration.threads import keep_threads
 
     workdir.mkdir(parents=True, exist_ok=True)
     pt = save_model(copy.deepcopy(model), workdir / "latency.pt")
-    return YOLO(str(pt)).export(format="onnx", imgsz=imgsz, simplify=False, dynamic=False, verbose=False)
+    with keep_threads():
+        return YOLO(str(pt)).export(format="onnx", imgsz=imgsz, simplify=False, dynamic=False, verbose=False)
 
 
 def _evaluate(model: Any, data: str | None, imgsz: int, device: str, batch: int) -> dict | None:

@@ -16,6 +16,7 @@ from torch import nn
 from yolocomp.config.train import KEEP_CHOICES
 from yolocomp.errors import UserError, first_line
 from yolocomp.integration.hooks import _WITH_PREPARE, CallbackHub, PrepareBeforeOptimizer, as_training_model
+from yolocomp.integration.threads import keep_threads
 from yolocomp.methods import Method
 
 
@@ -161,6 +162,9 @@ def train(
         last_epoch_metrics.update(getattr(trainer, "metrics", None) or {})
 
     cbs["on_model_save"].append(remember_metrics)
+    callers_threads = torch.get_num_threads()
+    # the trainer's select_device has set cpu_count - 1 threads by now (one of two cores): train on the caller's
+    cbs["on_train_start"].append(lambda trainer: torch.set_num_threads(callers_threads))
     if deadline is not None:
         overrides["time"] = max(deadline - time.time(), 1.0) / 3600  # a deadline already past still trains a batch
         cbs["on_train_batch_end"].append(stop_before(deadline, validation_estimate))
@@ -175,16 +179,17 @@ def train(
         "verbose": False,
         **overrides,
     }
-    if resume is not None:
-        args = {"resume": str(resume), "model": str(resume), **{k: v for k, v in args.items() if k == "device"}}
-        trainer = CompressionTrainer(overrides=args, _callbacks=cbs)
-    else:
-        if model is None:
-            raise UserError("train() needs a model or a checkpoint to resume")
-        args.setdefault("model", getattr(model, "pt_path", None) or "yolocomp.pt")
-        trainer = CompressionTrainer(overrides=args, _callbacks=cbs)
-        trainer.model = model
-    trainer.train()
+    if model is None and resume is None:
+        raise UserError("train() needs a model or a checkpoint to resume")
+    with keep_threads():  # the trainer and the final validation of best.pt select the device (and threads) again
+        if resume is not None:
+            args = {"resume": str(resume), "model": str(resume), **{k: v for k, v in args.items() if k == "device"}}
+            trainer = CompressionTrainer(overrides=args, _callbacks=cbs)
+        else:
+            args.setdefault("model", getattr(model, "pt_path", None) or "yolocomp.pt")
+            trainer = CompressionTrainer(overrides=args, _callbacks=cbs)
+            trainer.model = model
+        trainer.train()
     kept = trainer.best if keep == "best" and trainer.best.exists() else trainer.last
     trained, _ = load_checkpoint(kept)
     return TrainResult(
