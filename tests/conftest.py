@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
-
-# the CLI uses every core unless OMP_NUM_THREADS is set (yolocomp.integration.threads); the tests' tiny models run
-# faster on one, as they did before; the thread tests set their own counts
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 
