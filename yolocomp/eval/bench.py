@@ -88,13 +88,10 @@ def bench(
         raise UserError(f"batch sizes {batch_sizes}: use positive integers, e.g. 1 8")
     if not isinstance(imgsz, int) or imgsz < 32 or imgsz % 32:
         raise UserError(f"imgsz={imgsz}: use a multiple of 32, e.g. 640")
-    import torch
+    from yolocomp.integration.threads import keep_threads
 
-    caller_threads = torch.get_num_threads()
-    try:
+    with keep_threads():  # a torch runner with threads= sets the process-wide count
         return _bench(models, imgsz, device, batch_sizes, runs, warmup, threads, json_out, progress)
-    finally:
-        torch.set_num_threads(caller_threads)  # a torch runner with threads= sets the process-wide count
 
 
 def _bench(models, imgsz, device, batch_sizes, runs, warmup, threads, json_out, progress) -> dict:

@@ -38,11 +38,12 @@ def non_max_suppression(preds: Any, conf: float, iou: float, max_det: int, multi
     import torchvision  # noqa: F401  (Ultralytics' NMS uses torchvision's C++ kernel only when it is imported)
     from ultralytics.utils import nms
 
+    from yolocomp.integration.threads import keep_threads
+
     if not isinstance(preds, torch.Tensor):
         preds = torch.from_numpy(np.ascontiguousarray(preds, dtype=np.float32))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # many tiny ops: one thread is ~5x faster than two contending ones on a busy CPU
-    try:
+    with keep_threads():
+        torch.set_num_threads(1)  # many tiny ops: one thread is ~5x faster than two contending ones on a busy CPU
         return nms.non_max_suppression(
             preds.float(),
             conf,
@@ -52,8 +53,6 @@ def non_max_suppression(preds: Any, conf: float, iou: float, max_det: int, multi
             max_det=max_det,
             max_time_img=60.0,  # Ultralytics stops NMS after ~2 s per batch; on a busy CPU that silently drops images
         )
-    finally:
-        torch.set_num_threads(threads)
 
 
 def detections_for_batch(
@@ -96,19 +95,17 @@ def evaluate(
     ``json_out``) ``ap, ap50, ap75, aps, apm, apl, ar100`` as fractions, ``backend``, ``images``, ``settings``,
     ``model``, ``data`` and ``seconds``.
     """
-    import torch
     from ultralytics.utils import NUM_THREADS
+
+    from yolocomp.integration.threads import keep_threads
 
     check_settings(imgsz, batch, conf, iou, max_det)
     valset = load_valset(data, images)
     # Ultralytics' val runs CPU inference on cpu_count - 1 threads (max 8); all threads contending with other work
     # made the same evaluation up to 2.5x slower here. The caller's torch thread count is restored at the end.
     threads = int(threads or NUM_THREADS)
-    caller_threads = torch.get_num_threads()
-    try:
+    with keep_threads():
         return _evaluate(model, data, valset, imgsz, device, batch, conf, iou, max_det, images, json_out, threads, progress)
-    finally:
-        torch.set_num_threads(caller_threads)
 
 
 def _versions() -> dict[str, str | None]:
