@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -198,17 +199,22 @@ def test_prune_with_the_light_head_meets_the_target_against_the_input_model(tmp_
         assert gflops(model, 64) == pytest.approx(report["gflops"]["after"], rel=1e-3)
 
 
-def test_prune_cap_measures_attention_on_the_light_head_model_and_cuts_by_it(tmp_path, tiny_detector, synthetic_data):
+def test_prune_cap_measures_attention_on_the_light_head_model_without_labels_and_cuts_by_it(tmp_path, tiny_detector,
+                                                                                            synthetic_data):
+    import yaml
     from ultralytics import YOLO
 
     from yolocomp.commands.prune import prune
 
     out = tmp_path / "o"
-    report = prune(str(tiny_detector["pt"]), out, data=str(synthetic_data), method="cap", flops_reduction=0.3,
+    images = str(Path(yaml.safe_load(open(synthetic_data))["path"]) / "images" / "train")
+    report = prune(str(tiny_detector["pt"]), out, data=None, images=images, method="cap", flops_reduction=0.3,
                    recover="kd", imgsz=64, batch=8, recon_images=16, recon_iters=5, recon_head_iters=5,
-                   head_fit_iters=5, evaluate=False, latency=False)
+                   head_fit_iters=5, attention_iters=4, sparsity_epochs=2, evaluate=False, latency=False)
     assert report["recovery"]["head"] == "light" and report["method"] == "cap"
-    assert (out / "attention" / "results.csv").exists()  # the attention epoch ran, on a copy of the converted model
+    attention = report["recovery"]["attention"]  # measured on copies with the weights frozen: no training run
+    assert attention["iters"] == 4 and attention["images"] == 16 and not (out / "attention").exists()
+    assert any("--sparsity-epochs ignored for cap" in n for n in report["notes"])
     assert report["achieved"]["flops_reduction"] == pytest.approx(0.3, abs=0.03)
     assert report["gflops"]["before"] == pytest.approx(gflops(YOLO(str(tiny_detector["pt"])).model, 64), rel=1e-3)
     pruned = YOLO(str(out / "pruned.pt")).model

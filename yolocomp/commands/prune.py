@@ -81,7 +81,13 @@ def prune(
         finetune_epochs = UNTIL_TIME_LIMIT
     ignore = tuple(cfg.ignore)
     notes: list[str] = []
-    if method == "cap" and sparsity_epochs < 1:
+    original = load_model(model)
+    cap_trains = method == "cap" and not _plans_light_head(original, cfg, ignore)
+    if method == "cap" and not cap_trains and sparsity_epochs:
+        notes.append("--sparsity-epochs ignored for cap with the light head (its attention is measured with the weights "
+                     "frozen: set --attention-iters)")
+        sparsity_epochs = 0
+    if cap_trains and sparsity_epochs < 1:
         sparsity_epochs = 1
         notes.append("cap needs attention training: ran 1 attention epoch (set --sparsity-epochs for more)")
     if method in {"l1", "random"} and sparsity_epochs:
@@ -100,7 +106,6 @@ def prune(
     work = work_dir(out)
     data_abs = str(resolve_data(data, work)) if data is not None else None
     eval_data = data_abs if evaluate else None
-    original = load_model(model)
     source = str(model) if not isinstance(model, nn.Module) else getattr(model, "pt_path", "<in-memory>")
     train_args = {"imgsz": imgsz, "device": device, **cfg.trainer_overrides()}
     t0 = time.perf_counter()
@@ -118,10 +123,13 @@ def prune(
     steps: list[dict] | None = None
     light = _light_head_start(trained, cfg, method, target, imgsz, ignore, recovery) if cfg.steps == 1 else None
     if method == "cap" and light is None:
+        if data_abs is None:  # the light head was planned but its conversion overshot the target
+            raise UserError("cap without the light head trains attention on labels: pass --data")
         cap = ChannelAttentionPruning(**target, attention=cfg.attention, min_channels=cfg.min_channels,
                                       round_to=cfg.round_to, ignore=ignore, imgsz=imgsz, calib=calib,
                                       max_layer_ratio=cfg.max_layer_ratio)
-        res = train(deepcopy(original), data_abs, [cap], project=out, name="attention", epochs=sparsity_epochs, **train_args)
+        res = train(deepcopy(original), data_abs, [cap], project=out, name="attention", epochs=max(sparsity_epochs, 1),
+                    **train_args)
         pruned, summary = res.model, cap.summary
     elif cfg.steps > 1:
         started = time.perf_counter()
@@ -138,10 +146,12 @@ def prune(
                 recovery["class_branch_fit_seconds"] = round(time.perf_counter() - started, 1)
                 ap["light_head"] = _evaluate(base, eval_data, imgsz, device, batch)
         importance = None
-        if method == "cap":  # the light head's model: its attention is measured on a copy, the cut keeps the fitted one
-            gates = ChannelAttentionPruning(ratio=None, attention=cfg.attention, ignore=ignore, imgsz=imgsz)
-            train(deepcopy(base), data_abs, [gates], project=out, name="attention", epochs=sparsity_epochs, **train_args)
-            importance = gates.scores()
+        if method == "cap":  # the light head's model, weights frozen: only the attention gates learn, on copies
+            from yolocomp.recon import measure_attention
+
+            importance, recovery["attention"] = measure_attention(
+                base, torch.cat(_recon_images(cfg, data_abs, imgsz)), attention=cfg.attention, iters=cfg.attention_iters,
+                sparsity=cfg.attention_sparsity, batch=batch, ignore=ignore)
         pruned, summary = _cut(base, target, cfg, ignore, imgsz, calib, light is not None, notes, importance)
         if light is not None:  # the report compares with the input model, not with the converted one
             summary["gflops"]["before"] = recovery["light_head"]["gflops"]["before"]
@@ -235,16 +245,24 @@ def prune(
     return report
 
 
+def _plans_light_head(model: nn.Module, cfg: PruneConfig, ignore: tuple[int, ...]) -> bool:
+    """Whether the cut will start with the light head (its conversion may still give way if it overshoots the
+    target): asked for, or auto where the model has the 3x3 class branch and a C2f to convert."""
+    from yolocomp.prune.light_head import convertible_layers, has_light_head
+
+    wanted = cfg.wants_light_head()
+    if wanted is not None:
+        return wanted
+    return not has_light_head(model) and bool(set(convertible_layers(model)) - set(ignore))
+
+
 def _light_head_start(model: nn.Module, cfg: PruneConfig, method: str, target: dict, imgsz: int,
                       ignore: tuple[int, ...], recovery: dict) -> tuple[nn.Module, dict] | None:
     """``(converted model, cut still to make)`` when the cut starts with the light head, else None; ``recovery["head"]``
     records the choice."""
-    from yolocomp.prune.light_head import auto_box_bins, convertible_layers, has_light_head
+    from yolocomp.prune.light_head import auto_box_bins
 
-    wanted = cfg.wants_light_head()
-    if wanted is None:  # auto: only where the model has the 3x3 branch and the swap alone stays inside the target
-        wanted = not has_light_head(model) and bool(set(convertible_layers(model)) - set(ignore))
-    if wanted:
+    if _plans_light_head(model, cfg, ignore):  # auto: where the model has the 3x3 branch; the swap alone must fit
         bins = cfg.box_bins if cfg.box_bins is not None else auto_box_bins(model, imgsz, AUTO_BOX_BINS)
         # an automatic narrow box branch that alone overshoots the target gives way to the class branch alone
         tries = [bins, None] if bins is not None and cfg.box_bins is None else [bins]
@@ -466,7 +484,9 @@ def run_stage(recipe: Recipe, model: str, out: Path, data: Path | None, referenc
               evaluate: bool = True) -> StageResult:
     cfg = recipe.stage("prune")
     warn_if_untrained(model, "prune")
-    needs_labels = cfg.sparsity_epochs > 0 or cfg.method == "cap" or (cfg.finetune_epochs > 0 and not cfg.images)
+    # cap with the light head measures attention on unlabelled images; prune() says so when the model decides otherwise
+    cap_trains = cfg.method == "cap" and cfg.wants_light_head() is False
+    needs_labels = cfg.sparsity_epochs > 0 or cap_trains or (cfg.finetune_epochs > 0 and not cfg.images)
     if needs_labels and data is None:
         raise UserError("pruning with sparsity/attention training or fine-tuning needs data: pass --data (or "
                         "--recover kd --images DIR to recover from unlabelled images)")

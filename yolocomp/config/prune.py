@@ -54,7 +54,14 @@ class PruneConfig(TrainingOptions):
     s: float = option(1e-4, "L1 sparsity strength on BN γ", hint="use a sparsity strength such as 1e-4", check=positive)
     s_schedule: str = option("constant", "sparsity strength over the epochs", hint="use constant or linear_decay",
                              choices=SPARSITY_SCHEDULES)
-    attention: str = option("eca", "CAP's attention gate", hint="use eca or se", choices=ATTENTIONS)
+    attention: str = option("se", "CAP's attention gate: se learns each channel's own gate, eca shares one small "
+                            "kernel across channels", hint="use se or eca", choices=ATTENTIONS)
+    attention_iters: int = option(300, "iterations measuring CAP's attention after the light head: only the gates "
+                                  "learn, the model's weights frozen, on the reconstruction's images",
+                                  hint="use a number such as 300", check=at_least(2))
+    attention_sparsity: float = option(1.0, "pull on the mean attention while the head-output distillation holds the "
+                                       "outputs: a channel whose attention falls is one they can do without",
+                                       hint="use a strength such as 1.0", check=positive)
     min_channels: int = option(8, "fewest channels a layer keeps", hint="use a channel floor such as 8", check=positive)
     round_to: int = option(8, "kept channels are a multiple of this", hint="use a channel multiple such as 8", check=positive)
     max_layer_ratio: float | None = option(None, "largest share of one layer's channels to remove (unset: no cap, or "

@@ -5,7 +5,8 @@ or SE-style attention). The attention is ``2 * sigmoid(z)`` with the last layer 
 gate is exactly the identity and training only moves it where a channel matters more or less. The mean attention of
 each channel over the training batches is its importance: unlike BN γ, it is measured on the same scale in every
 stage, so one global threshold does not over-prune the neck. ``finalize`` unwraps the gates (no extra layers remain)
-and prunes by those means.
+and prunes by those means. On a converged model that a few hundred images cannot retrain,
+:func:`yolocomp.recon.measure_attention` trains the gates alone instead.
 
 The means are buffers of the gates, not state of the method: checkpoints, resume, the EMA and every DDP worker carry
 them. Each epoch end merges them over DDP ranks (weighted by batches) and copies them into the EMA verbatim (the EMA
@@ -93,7 +94,7 @@ class ChannelAttentionPruning(Method):
 
     name = "cap"
 
-    def __init__(self, ratio: float | None = 0.3, flops_reduction: float | None = None, attention: str = "eca",
+    def __init__(self, ratio: float | None = 0.3, flops_reduction: float | None = None, attention: str = "se",
                  layers: tuple[int, ...] | None = None, min_channels: int = 8, round_to: int = 8,
                  ignore: tuple[int, ...] = (), imgsz: int = 640, calib: torch.Tensor | None = None,
                  max_layer_ratio: float | None = None):
